@@ -1,0 +1,104 @@
+"""Turn a frozen stock backbone into its memory-lean form, module by module."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from da3.backbones.base import Backbone, Block
+from da3.lean.ops import (
+    GlobalAvgPool,
+    LeanAffine,
+    LeanConv2d,
+    LeanMaxPool2d,
+    LeanReLU,
+    LeanReLU6,
+)
+
+LEAN_TYPES = (LeanConv2d, LeanAffine, LeanReLU, LeanMaxPool2d, GlobalAvgPool)
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Flatten)
+
+
+def _is_relu6(m: nn.Module) -> bool:
+    return isinstance(m, nn.ReLU6) or (
+        isinstance(m, nn.Hardtanh) and m.min_val == 0.0 and m.max_val == 6.0
+    )
+
+
+def _convert_sequence(children: list[nn.Module]) -> list[nn.Module]:
+    out: list[nn.Module] = []
+    i = 0
+    while i < len(children):
+        m = children[i]
+        nxt = children[i + 1] if i + 1 < len(children) else None
+        if isinstance(m, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d):
+            out.append(LeanConv2d.from_conv(m, nxt))
+            i += 2
+            continue
+        out.append(convert_module(m))
+        i += 1
+    return out
+
+
+def convert_module(m: nn.Module) -> nn.Module:
+    """The lean equivalent of one frozen module (recursing into containers)."""
+    if isinstance(m, LEAN_TYPES + _PASS_THROUGH):
+        return m
+    if isinstance(m, Block):
+        return Block(
+            convert_module(m.branch),
+            None if m.shortcut is None else convert_module(m.shortcut),
+            convert_module(m.act),
+            in_channels=m.in_channels,
+            out_channels=m.out_channels,
+            stride=m.stride,
+            family=m.family,
+        )
+    if isinstance(m, nn.Sequential):
+        return nn.Sequential(*_convert_sequence(list(m)))
+    if isinstance(m, nn.Conv2d):
+        return LeanConv2d.from_conv(m)
+    if isinstance(m, nn.BatchNorm2d):
+        return LeanAffine(m)
+    if _is_relu6(m):
+        return LeanReLU6()
+    if isinstance(m, nn.ReLU):
+        return LeanReLU()
+    if isinstance(m, nn.MaxPool2d):
+        return LeanMaxPool2d.from_module(m)
+    if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
+        return GlobalAvgPool()
+    raise TypeError(f"no lean equivalent for {type(m).__name__}; add one in da3.lean")
+
+
+def to_lean(backbone: Backbone) -> Backbone:
+    """A lean copy of ``backbone`` (which is left untouched).
+
+    Every convolution is fused with the batch norm that follows it; all tensors of the copy
+    are frozen (``requires_grad=False``). The classifier is kept as it is, frozen.
+    """
+    classifier = copy.deepcopy(backbone.classifier)
+    lean = Backbone(
+        name=backbone.name,
+        stem=convert_module(backbone.stem),
+        blocks=[convert_module(b) for b in backbone.blocks],
+        neck=convert_module(backbone.neck),
+        pool=convert_module(backbone.pool),
+        classifier=classifier,
+        feature_dim=backbone.feature_dim,
+        preprocess=backbone.preprocess,
+        weights=backbone.weights,
+    )
+    lean.requires_grad_(False)
+    return lean.eval()
+
+
+def share_clone(module: nn.Module) -> nn.Module:
+    """A structural copy of ``module`` whose parameters and buffers are the same tensors.
+
+    Methods clone the shared lean backbone this way and then replace, per domain, only the
+    tensors they train; the frozen weights exist once in memory for all domains.
+    """
+    memo = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return copy.deepcopy(module, memo)

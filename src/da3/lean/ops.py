@@ -1,0 +1,326 @@
+"""Frozen layers whose autograd keeps (almost) nothing for backward.
+
+Stock PyTorch keeps a convolution's input even when its weight is frozen, a batch norm's
+input in eval mode, and a ReLU's full float output. When a trainable module sits before
+them, a "frozen" backbone therefore buffers nearly every activation. The layers here keep
+only what the input gradient really needs:
+
+==================  ===============================================================
+layer               kept for backward
+==================  ===============================================================
+LeanConv2d          nothing but the (frozen, shared) weight; batch norm folded in
+LeanReLU / ReLU6    a 1-bit mask, packed 8 per byte
+LeanMaxPool2d       the arg-max position inside its window, one byte per output
+GlobalAvgPool       nothing (``mean`` keeps only the shape)
+LeanAvgPool2d       nothing (non-overlapping windows; gradient is a spread)
+==================  ===============================================================
+
+Forward values and input gradients equal the stock modules' to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import Function
+
+# ---------------------------------------------------------------------------------------
+# bit packing
+
+
+_SHIFTS_CACHE: dict[torch.device, torch.Tensor] = {}
+
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    s = _SHIFTS_CACHE.get(device)
+    if s is None:
+        s = _SHIFTS_CACHE[device] = torch.arange(8, dtype=torch.uint8, device=device)
+    return s
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor into uint8, 8 elements per byte (little-endian bit order)."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = F.pad(flat.view(torch.uint8), (0, pad))
+    bits = flat.view(torch.uint8).view(-1, 8)
+    return (bits << _shifts(mask.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a bool tensor of ``shape``."""
+    bits = (packed.unsqueeze(1) >> _shifts(packed.device)) & 1
+    return bits.view(-1)[: math.prod(shape)].view(shape).bool()
+
+
+def packed_mask_bytes(numel: int) -> int:
+    return (numel + 7) // 8
+
+
+# ---------------------------------------------------------------------------------------
+# convolution
+
+
+class _FrozenConv2dFn(Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(weight)
+        ctx.conf = (x.shape, stride, padding, dilation, groups)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        shape, stride, padding, dilation, groups = ctx.conf
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.grad.conv2d_input(
+                shape, weight, grad, stride, padding, dilation, groups
+            )
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum((0, 2, 3))
+        return grad_x, None, grad_bias, None, None, None, None
+
+
+class LeanConv2d(nn.Module):
+    """A frozen convolution (with any eval-mode batch norm folded in).
+
+    Its weight is a buffer, never trained; backward computes the input gradient by
+    transposed convolution from the weight alone. The bias may be made trainable
+    (``bias.requires_grad``), whose gradient needs nothing kept either.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+        same_pad: bool = False,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach())
+        self.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.same_pad = same_pad
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> LeanConv2d:
+        weight, bias = fold_conv_bn(conv, bn)
+        return cls(
+            weight,
+            bias,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            same_pad=hasattr(conv, "same_pad"),
+        )
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.same_pad:
+            from da3.backbones.efficientnet_lite import same_padding
+
+            kh, kw = self.weight.shape[-2:]
+            top, bottom = same_padding(x.shape[-2], kh, self.stride[0])
+            left, right = same_padding(x.shape[-1], kw, self.stride[1])
+            x = F.pad(x, (left, right, top, bottom))  # keeps nothing for backward
+        if not (x.requires_grad or self.bias.requires_grad):
+            return F.conv2d(
+                x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+            )
+        return _FrozenConv2dFn.apply(
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+
+    def extra_repr(self) -> str:
+        k = tuple(self.weight.shape[-2:])
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={k}, stride={self.stride}, "
+            f"padding={'same' if self.same_pad else self.padding}, groups={self.groups}"
+        )
+
+
+@torch.no_grad()
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of one convolution equal to ``bn(conv(x))`` with ``bn`` in eval mode."""
+    w = conv.weight.double()
+    b = (
+        conv.bias.double()
+        if conv.bias is not None
+        else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    )
+    if bn is not None:
+        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        w = w * scale.view(-1, 1, 1, 1)
+        b = (b - bn.running_mean.double()) * scale + bn.bias.double()
+    return w.to(conv.weight.dtype).contiguous(), b.to(conv.weight.dtype)
+
+
+class LeanAffine(nn.Module):
+    """A frozen eval-mode batch norm not preceded by a convolution: ``x * scale + shift``."""
+
+    def __init__(self, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        with torch.no_grad():
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            shift = bn.bias - bn.running_mean * scale
+        self.register_buffer("scale", scale.view(1, -1, 1, 1).contiguous())
+        self.register_buffer("shift", shift.view(1, -1, 1, 1).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Multiplying by a tensor that does not require grad keeps only that tensor (a buffer).
+        return torch.addcmul(self.shift, x, self.scale)
+
+
+# ---------------------------------------------------------------------------------------
+# activations
+
+
+class _MaskedActFn(Function):
+    @staticmethod
+    def forward(ctx, x, upper):
+        if upper is None:
+            y = x.clamp_min(0)
+            mask = x > 0
+        else:
+            y = x.clamp(0, upper)
+            mask = (x > 0) & (x < upper)
+        ctx.shape = x.shape
+        ctx.save_for_backward(pack_bits(mask))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        mask = unpack_bits(packed, ctx.shape)
+        return grad * mask, None
+
+
+class LeanReLU(nn.Module):
+    """ReLU keeping a 1-bit mask (``x > 0``) for backward."""
+
+    upper: float | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.requires_grad:
+            return F.relu(x)
+        return _MaskedActFn.apply(x, self.upper)
+
+
+class LeanReLU6(LeanReLU):
+    """ReLU6 keeping a 1-bit mask: its gradient is 1 exactly where ``0 < x < 6``."""
+
+    upper = 6.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.requires_grad:
+            return F.relu6(x)
+        return _MaskedActFn.apply(x, self.upper)
+
+
+# ---------------------------------------------------------------------------------------
+# pooling
+
+
+class _MaxPoolFn(Function):
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding):
+        y, idx = F.max_pool2d(x, kernel, stride, padding, return_indices=True)
+        n, c, h, w = x.shape
+        oh, ow = y.shape[-2:]
+        # Flat index into the H x W plane -> position inside the k x k window (one byte).
+        oy = torch.arange(oh, device=x.device).view(oh, 1) * stride - padding
+        ox = torch.arange(ow, device=x.device).view(1, ow) * stride - padding
+        local = (idx // w - oy) * kernel + (idx % w - ox)
+        ctx.conf = (x.shape, kernel, stride, padding)
+        ctx.save_for_backward(local.to(torch.uint8))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (local,) = ctx.saved_tensors
+        shape, kernel, stride, padding = ctx.conf
+        n, c, h, w = shape
+        oh, ow = grad.shape[-2:]
+        oy = torch.arange(oh, device=grad.device).view(oh, 1) * stride - padding
+        ox = torch.arange(ow, device=grad.device).view(1, ow) * stride - padding
+        local = local.long()
+        flat = (oy + local // kernel) * w + (ox + local % kernel)
+        grad_x = grad.new_zeros(n, c, h * w)
+        grad_x.scatter_add_(2, flat.view(n, c, -1), grad.reshape(n, c, -1))
+        return grad_x.view(shape), None, None, None
+
+
+class LeanMaxPool2d(nn.Module):
+    """Max pooling that keeps the arg-max's position in its window as one byte."""
+
+    def __init__(self, kernel_size: int, stride: int, padding: int) -> None:
+        super().__init__()
+        if kernel_size * kernel_size > 256:
+            raise ValueError("LeanMaxPool2d: window positions must fit in one byte")
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+
+    @classmethod
+    def from_module(cls, m: nn.MaxPool2d) -> LeanMaxPool2d:
+        def one(v):
+            v = v if isinstance(v, int) else v[0]
+            return int(v)
+
+        if m.dilation not in (1, (1, 1)) or m.ceil_mode:
+            raise ValueError("LeanMaxPool2d supports dilation 1 and floor mode only")
+        return cls(one(m.kernel_size), one(m.stride), one(m.padding))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.requires_grad:
+            return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+        return _MaxPoolFn.apply(x, self.kernel_size, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class GlobalAvgPool(nn.Module):
+    """Global average pooling to N x C x 1 x 1 with ``mean``, which keeps no tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3), keepdim=True)
+
+
+class _AvgPoolFn(Function):
+    @staticmethod
+    def forward(ctx, x, r):
+        ctx.conf = (x.shape, r)
+        return F.avg_pool2d(x, r, r)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, r = ctx.conf
+        g = grad.repeat_interleave(r, dim=2).repeat_interleave(r, dim=3) / (r * r)
+        ph, pw = shape[2] - g.shape[2], shape[3] - g.shape[3]
+        if ph or pw:  # rows/columns that no window covered get no gradient
+            g = F.pad(g, (0, pw, 0, ph))
+        return g, None
+
+
+def lean_avg_pool2d(x: torch.Tensor, r: int) -> torch.Tensor:
+    """``avg_pool2d(x, r, r)`` whose backward keeps nothing (stock keeps the input)."""
+    if r == 1:
+        return x
+    if not x.requires_grad:
+        return F.avg_pool2d(x, r, r)
+    return _AvgPoolFn.apply(x, r)

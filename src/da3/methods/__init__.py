@@ -1,0 +1,24 @@
+"""Adaptation methods, created by name. A new method is one module plus one import here."""
+
+from da3.methods import bias, finetune, linear  # noqa: F401  (registers the methods)
+from da3.methods.base import (
+    AdaptedModel,
+    FrozenBackbone,
+    MethodConfig,
+    build_model,
+    get_method,
+    list_methods,
+    make_config,
+    register_method,
+)
+
+__all__ = [
+    "AdaptedModel",
+    "FrozenBackbone",
+    "MethodConfig",
+    "build_model",
+    "get_method",
+    "list_methods",
+    "make_config",
+    "register_method",
+]

@@ -1,0 +1,156 @@
+"""What every method shares: the frozen backbone, the adapted model, the registry."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from da3.backbones import Backbone, weights_fingerprint
+from da3.errors import Da3Error
+from da3.lean import to_lean
+
+
+class FrozenBackbone:
+    """One pretrained backbone, frozen, shared by every domain.
+
+    ``stock`` is the network as built; ``lean`` its memory-lean form (built once, on first
+    use). Methods never modify either: they clone structure and add their own tensors.
+    """
+
+    def __init__(self, backbone: Backbone) -> None:
+        self.stock = backbone.requires_grad_(False).eval()
+
+    @cached_property
+    def lean(self) -> Backbone:
+        return to_lean(self.stock)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return weights_fingerprint(self.stock)
+
+    @property
+    def name(self) -> str:
+        return self.stock.name
+
+    @property
+    def feature_dim(self) -> int:
+        return self.stock.feature_dim
+
+
+def _storage_ptrs(module: nn.Module) -> set[int]:
+    tensors = list(module.parameters()) + list(module.buffers())
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+class AdaptedModel(nn.Module):
+    """A domain's network: (shared frozen backbone + the method's modules) -> head.
+
+    ``features`` maps a normalised image batch to N x ``feature_dim``; ``head`` is the
+    domain's classifier. Everything in ``state_dict()`` whose storage is not the shared
+    backbone's is the domain's own state (:meth:`domain_state`).
+    """
+
+    def __init__(
+        self, features: nn.Module, head: nn.Linear, frozen: FrozenBackbone, method: str
+    ) -> None:
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.method = method
+        self._shared = _storage_ptrs(frozen.stock) | _storage_ptrs(frozen.lean)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def domain_state(self) -> dict[str, torch.Tensor]:
+        """The tensors that make up this domain (nothing of the shared backbone)."""
+        return {
+            k: v
+            for k, v in self.state_dict().items()
+            if v.untyped_storage().data_ptr() not in self._shared
+        }
+
+    @torch.no_grad()
+    def load_domain_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.domain_state()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise Da3Error(
+                f"domain state does not fit the {self.method} model "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        for k, t in own.items():
+            if t.shape != state[k].shape:
+                raise Da3Error(
+                    f"domain state {k}: shape {tuple(state[k].shape)} != {tuple(t.shape)}"
+                )
+            t.copy_(state[k])
+
+
+def new_head(feature_dim: int, num_classes: int) -> nn.Linear:
+    return nn.Linear(feature_dim, num_classes)
+
+
+@dataclass
+class MethodConfig:
+    """Settings every method has. Subclasses add their own, each with a help text."""
+
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    name: str
+    config_class: type[MethodConfig]
+    build: Callable[[FrozenBackbone, int, MethodConfig], AdaptedModel]
+    summary: str
+
+
+_METHODS: dict[str, MethodEntry] = {}
+
+
+def register_method(name: str, config_class: type[MethodConfig], summary: str):
+    """Register ``build(frozen, num_classes, config) -> AdaptedModel`` under ``name``."""
+
+    def deco(fn):
+        _METHODS[name] = MethodEntry(name, config_class, fn, summary)
+        return fn
+
+    return deco
+
+
+def list_methods() -> list[str]:
+    return list(_METHODS)
+
+
+def get_method(name: str) -> MethodEntry:
+    if name not in _METHODS:
+        raise Da3Error(f"unknown method {name!r}; choose from {', '.join(_METHODS)}")
+    return _METHODS[name]
+
+
+def make_config(method: str, overrides: dict | None = None) -> MethodConfig:
+    """The method's config with ``overrides`` (values already typed) applied."""
+    cls = get_method(method).config_class
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for key in overrides or {}:
+        if key not in names:
+            raise Da3Error(f"{method}: unknown config key {key!r}; known: {', '.join(names)}")
+    return cls(**(overrides or {}))
+
+
+def build_model(
+    method: str, frozen: FrozenBackbone, num_classes: int, config: MethodConfig | None = None
+) -> AdaptedModel:
+    entry = get_method(method)
+    config = config if config is not None else entry.config_class()
+    return entry.build(frozen, num_classes, config)

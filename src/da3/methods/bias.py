@@ -1,0 +1,33 @@
+"""``bias``: TinyTL-B. The biases of the frozen network and the head train.
+
+On the lean engine each convolution has its batch norm folded in; the folded bias differs
+from the batch norm's shift by a constant, so training it is training the batch norm bias.
+Its gradient needs nothing kept: the whole backbone is on the gradient path, yet only the
+ReLU masks are stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from da3.lean import LeanConv2d, share_clone
+from da3.methods.base import AdaptedModel, FrozenBackbone, MethodConfig, new_head, register_method
+from da3.methods.finetune import _Features
+
+
+@dataclass
+class BiasConfig(MethodConfig):
+    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate"})
+
+
+@register_method("bias", BiasConfig, "biases + head train (TinyTL-B), lean engine")
+def build(frozen: FrozenBackbone, num_classes: int, config: BiasConfig) -> AdaptedModel:
+    backbone = share_clone(frozen.lean)
+    for m in backbone.modules():
+        if isinstance(m, LeanConv2d):
+            m.bias = nn.Parameter(m.bias.detach().clone())  # the domain's own copy
+    return AdaptedModel(
+        _Features(backbone), new_head(frozen.feature_dim, num_classes), frozen, "bias"
+    )

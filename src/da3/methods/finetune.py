@@ -1,0 +1,33 @@
+"""``finetune``: every weight trains, on stock PyTorch modules. The reference for cost."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from da3.methods.base import AdaptedModel, FrozenBackbone, MethodConfig, new_head, register_method
+
+
+@dataclass
+class FinetuneConfig(MethodConfig):
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+
+
+class _Features(nn.Module):
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        return self.backbone.forward_features(x)
+
+
+@register_method("finetune", FinetuneConfig, "all weights train (stock modules)")
+def build(frozen: FrozenBackbone, num_classes: int, config: FinetuneConfig) -> AdaptedModel:
+    backbone = copy.deepcopy(frozen.stock).requires_grad_(True)
+    backbone.classifier = nn.Identity()  # the ImageNet head is not used
+    return AdaptedModel(
+        _Features(backbone), new_head(frozen.feature_dim, num_classes), frozen, "finetune"
+    )

@@ -1,0 +1,164 @@
+"""The backbone registry contract, the block view, and the real ImageNet check."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from da3.backbones import create_backbone, list_backbones, lite0_weights_file, weights_fingerprint
+from da3.backbones.efficientnet_lite import EfficientNetLite0, same_padding
+from da3.errors import Da3Error
+
+ALL = list_backbones()
+EXPECTED_BLOCKS = {"resnet18": 8, "resnet50": 16, "mobilenet_v2": 17, "efficientnet_lite0": 16}
+
+
+def test_registry_lists_the_four_backbones():
+    assert set(ALL) == set(EXPECTED_BLOCKS)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_forward_shapes_and_block_view(name):
+    b = create_backbone(name)
+    assert len(b.blocks) == EXPECTED_BLOCKS[name]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        h = b.stem(x)
+        for block in b.blocks:
+            assert h.shape[1] == block.in_channels
+            y = block(h)
+            assert y.shape[1] == block.out_channels
+            assert y.shape[-1] == -(-h.shape[-1] // block.stride)
+            if block.shortcut_kind == "identity":
+                assert block.in_channels == block.out_channels and block.stride == 1
+            # branch and shortcut run separately recompose the block exactly
+            parts = block.branch(h)
+            s = block.forward_shortcut(h)
+            if s is not None:
+                parts = parts + s
+            assert torch.equal(block.act(parts), y)
+            h = y
+        assert b.forward_features(x).shape == (2, b.feature_dim)
+
+
+def _native(name):
+    """The architecture's own implementation, holding the very modules of the view."""
+    from torchvision import models
+
+    if name == "efficientnet_lite0":
+        return EfficientNetLite0()
+    return getattr(models, name)(weights=None)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_block_view_reproduces_the_native_model_exactly(name, monkeypatch):
+    native = _native(name).eval()
+    # Build the view around this very instance so that both share their weights.
+    from da3.backbones import efficientnet_lite, torchvision_models
+    from da3.backbones.base import IMAGENET_PREPROCESS
+
+    if name == "efficientnet_lite0":
+        view = efficientnet_lite.lite0_to_backbone(
+            native, preprocess=IMAGENET_PREPROCESS, weights="x"
+        )
+    elif name == "mobilenet_v2":
+        view = torchvision_models.mobilenet_v2_to_backbone(
+            native, preprocess=IMAGENET_PREPROCESS, weights="x"
+        )
+    else:
+        view = torchvision_models.resnet_to_backbone(
+            native, name=name, preprocess=IMAGENET_PREPROCESS, weights="x"
+        )
+    view.eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(view(x), native(x))
+
+
+def test_same_padding_matches_tensorflow_rule():
+    assert same_padding(224, 3, 2) == (0, 1)
+    assert same_padding(224, 5, 2) == (1, 2)
+    assert same_padding(225, 3, 2) == (1, 1)
+    assert same_padding(7, 3, 1) == (1, 1)
+
+
+def test_weights_file_round_trip_and_errors(tmp_path):
+    b = create_backbone("resnet18")
+    from safetensors.torch import save_file
+    from torchvision.models import resnet18
+
+    native = resnet18(weights=None)
+    path = tmp_path / "r18.safetensors"
+    save_file(native.state_dict(), str(path))
+    loaded = create_backbone("resnet18", str(path))
+    assert torch.equal(loaded.stem[0].weight, native.conv1.weight)
+    assert weights_fingerprint(loaded) != weights_fingerprint(b)
+    with pytest.raises(Da3Error, match="not found"):
+        create_backbone("resnet18", str(tmp_path / "missing.pth"))
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(Da3Error, match="bad.pth: cannot read"):
+        create_backbone("resnet18", str(bad))
+    with pytest.raises(Da3Error, match="do not match"):
+        create_backbone("resnet50", str(path))
+    with pytest.raises(Da3Error, match="unknown backbone"):
+        create_backbone("vgg16")
+
+
+def test_fingerprint_is_stable_and_sensitive():
+    a = create_backbone("efficientnet_lite0", "imagenet")
+    b = create_backbone("efficientnet_lite0", "imagenet")
+    assert weights_fingerprint(a) == weights_fingerprint(b)
+    with torch.no_grad():
+        b.blocks[3].branch[0].weight[0, 0, 0, 0] += 1e-3
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+
+
+def _foolbox_images():
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None:
+        pytest.skip("foolbox not installed (pip install --no-deps foolbox==3.3.4)")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
+    files = sorted(folder.glob("imagenet_*.jpg"))
+    assert len(files) == 20
+    images, labels = [], []
+    for f in files:
+        im = Image.open(f).convert("RGB").resize((224, 224), Image.BILINEAR)
+        images.append(torch.from_numpy(np.array(im)).permute(2, 0, 1))
+        labels.append(int(re.search(r"_(\d+)\.jpg$", f.name).group(1)))
+    return torch.stack(images), torch.tensor(labels)
+
+
+def test_efficientnet_lite0_imagenet_weights_classify_real_photos():
+    assert lite0_weights_file().is_file()
+    b = create_backbone("efficientnet_lite0", "imagenet")
+    images, labels = _foolbox_images()
+    with torch.no_grad():
+        logits = b(b.preprocess(images))
+    top5 = logits.topk(5, dim=1).indices
+    top1_correct = int((top5[:, 0] == labels).sum())
+    top5_correct = int((top5 == labels[:, None]).any(1).sum())
+    assert top1_correct >= 16, top1_correct
+    assert top5_correct == 20, top5_correct
+
+
+def test_random_weights_do_not_pass_the_imagenet_check():
+    # guards the check above against passing for a wrong reason
+    b = create_backbone("efficientnet_lite0")
+    images, labels = _foolbox_images()
+    with torch.no_grad():
+        top1 = b(b.preprocess(images)).argmax(1)
+    assert int((top1 == labels).sum()) <= 3
+
+
+def test_lite0_loads_strictly():
+    state = torch.load(lite0_weights_file(), weights_only=True)
+    assert len(state) == 296
+    net = EfficientNetLite0()
+    net.load_state_dict(state, strict=True)
+    assert isinstance(net._blocks[0]._depthwise_conv, nn.Conv2d)
