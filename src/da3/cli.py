@@ -21,7 +21,58 @@ def build_parser() -> argparse.ArgumentParser:
     from da3.data import cli as data_cli
 
     data_cli.register(commands)
+    _register_profile(commands)
     return parser
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _register_profile(commands) -> None:
+    p = commands.add_parser(
+        "profile",
+        help="measure training memory, time and FLOPs of methods side by side",
+        description="Profile one training step of each method on one backbone, in one run.",
+    )
+    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--weights", default="none", help="none, imagenet, or a weights file")
+    p.add_argument("--method", default="finetune,linear,bias", help="comma-separated methods")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per method (median)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--no-peak", action="store_true", help="skip the fresh-process peak memory")
+    p.add_argument("--json", action="store_true", help="print one JSON array")
+    p.set_defaults(run=_run_profile)
+
+
+def _run_profile(args) -> int:
+    import json
+
+    from da3.methods import get_method
+    from da3.profile import format_table, profile_methods
+
+    methods = _csv(args.method)
+    for m in methods:
+        get_method(m)  # unknown names fail before any work
+    if args.image_size < 32 or args.batch_size < 1 or args.steps < 1:
+        raise Da3Error("--image-size must be >= 32, --batch-size and --steps >= 1")
+    rows = profile_methods(
+        args.backbone,
+        methods,
+        weights=args.weights,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        device=args.device,
+        num_classes=args.num_classes,
+        peak=not args.no_peak,
+        progress=None if args.json else lambda msg: print(f"  {msg}", file=sys.stderr),
+    )
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -67,6 +67,10 @@ class AdaptedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """A method's extra training loss from the last forward (e.g. a compute budget)."""
+        return None
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

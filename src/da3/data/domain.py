@@ -1,0 +1,131 @@
+"""The in-memory form of a domain, and the stratified split rule every domain uses.
+
+A domain is a set of classes with three fixed splits of images: ``train`` to fit on, ``val`` to
+choose settings, ``test`` to report. Images are ``uint8`` tensors ``N x 3 x S x S`` (RGB, square,
+values 0-255), labels ``int64`` tensors of class indices into ``DomainData.classes``.
+
+Split rule: inside each class, the examples are put in a random order drawn from a fixed seed and
+that class's index; the first ``n_test`` go to test, the next ``n_val`` to val, the next
+``n_train`` to train. So test is fixed by the seed alone: asking for fewer training examples
+(:meth:`Split.per_class`) never moves an image in or out of test, and every split is stratified
+(each class has its share in each split).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+SPLIT_SEED = 20201202  # fixed: changing it changes every split (bump the cache format with it)
+
+
+@dataclass
+class Split:
+    """One split of a domain: ``images`` uint8 N x 3 x S x S and ``labels`` int64 N."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        """How many examples of each class this split holds."""
+        return torch.bincount(self.labels, minlength=num_classes).tolist()
+
+    def per_class(self, n: int, seed: int = 0) -> Split:
+        """A stratified subset with at most ``n`` examples of each class (few-shot training).
+
+        Deterministic for a given ``seed``; the rest of the domain (val, test) is untouched.
+        """
+        if n < 1:
+            raise ValueError(f"per_class needs n >= 1, got {n}")
+        labels = self.labels.numpy()
+        keep: list[np.ndarray] = []
+        for c in np.unique(labels):
+            idx = np.flatnonzero(labels == c)
+            rng = np.random.default_rng([seed, int(c)])
+            keep.append(np.sort(rng.permutation(idx)[:n]))
+        order = torch.from_numpy(np.sort(np.concatenate(keep)))
+        return Split(self.images[order], self.labels[order])
+
+
+@dataclass
+class DomainData:
+    """A domain ready to train on: its classes and the three fixed splits."""
+
+    name: str
+    classes: list[str]
+    train: Split
+    val: Split
+    test: Split
+    image_size: int
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def splits(self) -> dict[str, Split]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+    def counts(self) -> dict[str, int]:
+        """Number of images per split, e.g. ``{"train": 2000, "val": 500, "test": 1000}``."""
+        return {name: len(split) for name, split in self.splits().items()}
+
+
+def split_indices(
+    labels: np.ndarray,
+    sizes: Callable[[int], tuple[int, int, int]],
+    seed: int = SPLIT_SEED,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stratified split of ``labels`` into (train, val, test) index arrays (each sorted).
+
+    ``sizes(n)`` gives ``(n_train, n_val, n_test)`` for a class with ``n`` examples; any
+    examples beyond their sum are left out. Test is taken first, then val, then train.
+    """
+    labels = np.asarray(labels)
+    parts: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]] = ([], [], [])
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n_train, n_val, n_test = sizes(len(idx))
+        if n_train + n_val + n_test > len(idx):
+            raise ValueError(f"class {c} has {len(idx)} examples, split asks for more")
+        order = idx[np.random.default_rng([seed, int(c)]).permutation(len(idx))]
+        parts[2].append(order[:n_test])
+        parts[1].append(order[n_test : n_test + n_val])
+        parts[0].append(order[n_test + n_val : n_test + n_val + n_train])
+    train, val, test = (np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts)
+    return train, val, test
+
+
+def fixed_sizes(n_train: int, n_val: int, n_test: int) -> Callable[[int], tuple[int, int, int]]:
+    """The same counts for every class (the MNIST-like and texture domains)."""
+
+    def sizes(n: int) -> tuple[int, int, int]:
+        return n_train, n_val, n_test
+
+    return sizes
+
+
+def fraction_sizes(val: float = 0.1, test: float = 0.3) -> Callable[[int], tuple[int, int, int]]:
+    """Shares of each class (folders, clip art): round half up, and keep at least one to train.
+
+    A class of 1 image goes to train only; 2 images give 1 train, 1 test.
+    """
+
+    def sizes(n: int) -> tuple[int, int, int]:
+        n_test = int(np.floor(n * test + 0.5))
+        n_val = int(np.floor(n * val + 0.5))
+        while n - n_test - n_val < 1 and (n_val or n_test):
+            if n_val:
+                n_val -= 1
+            else:
+                n_test -= 1
+        return n - n_test - n_val, n_val, n_test
+
+    return sizes

@@ -1,0 +1,255 @@
+"""DA3: Dynamic Additive Attention Adaption (Yang, Rakin, Fan; arXiv 2012.01362).
+
+From the paper (abstract): the pretrained backbone is frozen for every domain; each domain
+learns an *additive attention adaptor* designed so that training does not buffer the
+backbone's activations, and the same module acts as a *dynamic gate* that cuts inference
+compute. Everything below that is more specific is our reconstruction (the exact layers are
+not published), documented in docs/methods.md.
+
+For a frozen block ``y = act(F(x) + S(x))`` (ResNet) or ``y = F(x) + x`` (inverted residual):
+
+    z = avgpool_p(x)                           at the reduced resolution; keeps nothing
+    u = relu(dw3x3(relu(conv1x1(z))))          hidden width h
+    v = u * channel_att(GAP(u)) * spatial_att(u)
+    A = upsample_nearest(conv1x1(v), out_hw)   last conv zero-initialised: A = 0 at start
+    g = 1[sigmoid(w . GAP(z) + b) > 1/2]       one gate per sample and block (optional)
+    y = act(g * F(x) + S(x) + A)
+
+``A``'s gradient does not involve ``F(x)``; on the lean engine the frozen path keeps only
+1-bit ReLU masks, and everything the adaptor keeps is at the pooled resolution. A closed
+gate skips ``F`` (gates exist only where the shortcut is the identity). The gate's gradient
+``<dL/dy, F(x)>`` is computed from ``F(x)`` average-pooled to the adaptor's resolution, so
+that gating keeps only a pooled copy of ``F(x)``, never ``F(x)`` itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import Function
+from torch.utils.flop_counter import FlopCounterMode
+
+from da3.backbones.base import Backbone, Block
+from da3.errors import Da3Error
+from da3.lean import lean_avg_pool2d, share_clone
+from da3.methods.base import AdaptedModel, FrozenBackbone, MethodConfig, new_head, register_method
+from da3.methods.finetune import _Features
+
+
+@dataclass
+class DA3Config(MethodConfig):
+    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate"})
+    blocks: str = field(
+        default="auto",
+        metadata={
+            "help": "blocks that get an adaptor: 'all', 'auto' (from the first block whose "
+            "output is at 1/8 of the input resolution or less), 'K-' (block K onwards), "
+            "'K-M', or a comma list"
+        },
+    )
+    reduction: int = field(
+        default=2, metadata={"help": "the adaptor runs at the block output resolution / this"}
+    )
+    hidden_ratio: float = field(
+        default=0.25, metadata={"help": "adaptor hidden width as a fraction of the block input"}
+    )
+    max_hidden: int = field(default=128, metadata={"help": "cap on the adaptor hidden width"})
+    gates: bool = field(default=False, metadata={"help": "learn dynamic gates that skip blocks"})
+    gate_target: float = field(
+        default=0.7,
+        metadata={"help": "fraction of the model's inference FLOPs the gates aim to execute"},
+    )
+    gate_weight: float = field(default=5.0, metadata={"help": "weight of the FLOP-budget loss"})
+    gate_init: float = field(default=3.0, metadata={"help": "initial gate logit (open)"})
+
+
+def select_blocks(spec: str, backbone: Backbone, image_size: int = 224) -> list[int]:
+    """Indices of the blocks that get an adaptor, from a ``blocks`` spec."""
+    n = len(backbone.blocks)
+    spec = spec.strip().lower()
+    if spec == "all":
+        return list(range(n))
+    if spec == "auto":
+        # Output resolution of each block, from the strides (stem included).
+        with torch.no_grad():
+            h = backbone.stem(torch.zeros(1, 3, 64, 64)).shape[-1]
+        for i, b in backbone.iter_blocks():
+            h = -(-h // b.stride)
+            if h * 8 <= 64:
+                return list(range(i, n))
+        return [n - 1]
+    try:
+        if spec.endswith("-"):
+            chosen = list(range(int(spec[:-1]), n))
+        elif "-" in spec:
+            a, b = spec.split("-")
+            chosen = list(range(int(a), int(b) + 1))
+        else:
+            chosen = sorted({int(t) for t in spec.split(",")})
+    except ValueError:
+        raise Da3Error(
+            f"da3: blocks={spec!r} is not 'all', 'auto', 'K-', 'K-M' or a list"
+        ) from None
+    if not chosen or chosen[0] < 0 or chosen[-1] >= n:
+        raise Da3Error(f"da3: blocks={spec!r} selects no valid block (the backbone has {n})")
+    return chosen
+
+
+class AdditiveAttentionAdaptor(nn.Module):
+    """The additive attention branch ``A``, computed at the pooled resolution."""
+
+    def __init__(self, c_in: int, c_out: int, hidden: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(c_in, hidden, 1)
+        self.spatial_mix = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.channel_att = nn.Linear(hidden, hidden)
+        self.spatial_att = nn.Conv2d(hidden, 1, 1)
+        self.expand = nn.Conv2d(hidden, c_out, 1)
+        nn.init.zeros_(self.expand.weight)  # A = 0: training starts from the pretrained net
+        nn.init.zeros_(self.expand.bias)
+
+    def forward(self, z: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+        u = F.relu(self.spatial_mix(F.relu(self.reduce(z))))
+        ca = torch.sigmoid(self.channel_att(u.mean((2, 3))))[:, :, None, None]
+        sa = torch.sigmoid(self.spatial_att(u))
+        a = self.expand(u * ca * sa)
+        if a.shape[-2:] != out_hw:
+            a = F.interpolate(a, size=out_hw, mode="nearest")  # keeps nothing for backward
+        return a
+
+
+class _GateFn(Function):
+    """``f * hard(g)`` with a straight-through gradient for ``g`` from a pooled ``f``."""
+
+    @staticmethod
+    def forward(ctx, f, g_soft, pool):
+        hard = (g_soft > 0.5).to(f.dtype)
+        ctx.pool = pool
+        pooled = F.avg_pool2d(f, pool, pool, ceil_mode=True) if pool > 1 else f
+        ctx.save_for_backward(hard, pooled.detach())
+        return f * hard.view(-1, 1, 1, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hard, pooled = ctx.saved_tensors
+        pool = ctx.pool
+        grad_f = grad * hard.view(-1, 1, 1, 1)
+        g = F.avg_pool2d(grad, pool, pool, ceil_mode=True) if pool > 1 else grad
+        # <grad, f> ~= pool^2 * <avgpool(grad), avgpool(f)> (exact where f is flat per window)
+        grad_g = (g * pooled).sum((1, 2, 3)) * (pool * pool)
+        return grad_f, grad_g, None
+
+
+class DA3Block(nn.Module):
+    """A frozen (lean) block with its additive attention adaptor and optional gate."""
+
+    def __init__(self, block: Block, config: DA3Config, gated: bool) -> None:
+        super().__init__()
+        self.block = block
+        hidden = max(8, min(config.max_hidden, round(block.in_channels * config.hidden_ratio)))
+        self.adaptor = AdditiveAttentionAdaptor(block.in_channels, block.out_channels, hidden)
+        self.reduction = config.reduction
+        self.gate = None
+        if gated:
+            self.gate = nn.Linear(block.in_channels, 1)
+            nn.init.zeros_(self.gate.weight)
+            nn.init.constant_(self.gate.bias, config.gate_init)
+        self.branch_flops = 0.0  # set by the builder, for the budget
+        self.last_gate: torch.Tensor | None = None  # soft gates of the last forward
+
+    def _out_hw(self, x: torch.Tensor) -> tuple[int, int]:
+        s = self.block.stride
+        return -(-x.shape[-2] // s), -(-x.shape[-1] // s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_hw = self._out_hw(x)
+        pool = max(1, min(self.reduction * self.block.stride, x.shape[-1], x.shape[-2]))
+        z = lean_avg_pool2d(x, pool)
+        a = self.adaptor(z, out_hw)
+        s = self.block.forward_shortcut(x)
+        if self.gate is None:
+            y = self.block.branch(x)
+        else:
+            g = torch.sigmoid(self.gate(z.mean((2, 3)))).squeeze(1)
+            self.last_gate = g
+            if self.training:
+                y = _GateFn.apply(self.block.branch(x), g, max(1, pool // self.block.stride))
+            else:
+                y = self._gated_inference(x, g)
+        if s is not None:
+            y = y + s
+        return self.block.act(y + a)
+
+    def _gated_inference(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Run the frozen branch only for the samples whose gate is open."""
+        open_ = g > 0.5
+        if bool(open_.all()):
+            return self.block.branch(x)
+        out = torch.zeros(
+            x.shape[0], self.block.out_channels, *self._out_hw(x), dtype=x.dtype, device=x.device
+        )
+        if bool(open_.any()):
+            idx = open_.nonzero().squeeze(1)
+            out[idx] = self.block.branch(x[idx])
+        return out
+
+
+class DA3Model(AdaptedModel):
+    """Adds the FLOP-budget loss of the gates to the training loss."""
+
+    config: DA3Config
+
+    def gated_blocks(self) -> list[DA3Block]:
+        return [m for m in self.modules() if isinstance(m, DA3Block) and m.gate is not None]
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        blocks = self.gated_blocks()
+        if not blocks or not self.training or blocks[0].last_gate is None:
+            return None
+        skipped = sum(b.branch_flops * (1 - b.last_gate.mean()) for b in blocks)
+        executed = 1.0 - skipped  # fraction of the model's FLOPs, in expectation
+        return self.config.gate_weight * F.relu(executed - self.config.gate_target) ** 2
+
+    def executed_fraction(self) -> float | None:
+        """Fraction of the model's FLOPs that the last forward executed (hard gates)."""
+        blocks = self.gated_blocks()
+        if not blocks or blocks[0].last_gate is None:
+            return None
+        skipped = sum(b.branch_flops * float((b.last_gate <= 0.5).float().mean()) for b in blocks)
+        return 1.0 - skipped
+
+
+def _branch_flop_fractions(backbone: Backbone, blocks: list[int], image_size: int = 64) -> dict:
+    """Each chosen block's branch FLOPs as a fraction of the whole network's."""
+    x = torch.zeros(1, 3, image_size, image_size)
+    with torch.no_grad():
+        total = FlopCounterMode(display=False)
+        with total:
+            backbone(x)
+        fractions, h = {}, backbone.stem(x)
+        for i, b in backbone.iter_blocks():
+            if i in blocks:
+                c = FlopCounterMode(display=False)
+                with c:
+                    b.branch(h)
+                fractions[i] = c.get_total_flops() / total.get_total_flops()
+            h = b(h)
+    return fractions
+
+
+@register_method("da3", DA3Config, "dynamic additive attention adaptors (+ gates), lean engine")
+def build(frozen: FrozenBackbone, num_classes: int, config: DA3Config) -> DA3Model:
+    backbone = share_clone(frozen.lean)
+    chosen = select_blocks(config.blocks, backbone)
+    gated = {i for i in chosen if backbone.blocks[i].shortcut_kind == "identity"}
+    fractions = _branch_flop_fractions(frozen.lean, sorted(gated)) if config.gates else {}
+    for i in chosen:
+        wrapped = DA3Block(backbone.blocks[i], config, gated=config.gates and i in gated)
+        wrapped.branch_flops = fractions.get(i, 0.0)
+        backbone.blocks[i] = wrapped
+    model = DA3Model(_Features(backbone), new_head(frozen.feature_dim, num_classes), frozen, "da3")
+    model.config = config
+    return model
