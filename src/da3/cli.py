@@ -18,8 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"da3 {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # Imported here so that `da3 --help` stays fast and a broken area names itself.
+    from da3 import commands as domain_commands
     from da3.data import cli as data_cli
 
+    domain_commands.register(commands)
     data_cli.register(commands)
     _register_profile(commands)
     return parser

@@ -1,11 +1,38 @@
-"""Training: one step (shared with the profiler), and the loop."""
+"""Training: one step (shared with the profiler) and the loop.
+
+The loop trains one domain: a progress bar per epoch (loss, accuracy, images/s, memory),
+validation after each epoch, the best epoch's state kept, a checkpoint after every epoch.
+Shuffling and augmentation draw from generators seeded by ``(seed, epoch)``, so a run
+resumed from its last checkpoint reaches bit for bit the result of an uninterrupted one.
+A loss that is not finite stops training; the last good checkpoint stays on disk.
+"""
 
 from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from da3.backbones.base import Preprocess
+from da3.errors import Da3Error
+from da3.io import read_json, read_tensors, write_json, write_tensors
 from da3.methods.base import AdaptedModel, MethodConfig
+
+
+@dataclass
+class TrainConfig:
+    """How a domain is trained (the same for every method in a comparison)."""
+
+    epochs: int = field(default=5, metadata={"help": "passes over the training split"})
+    batch_size: int = field(default=32, metadata={"help": "images per step"})
+    seed: int = field(default=0, metadata={"help": "seed of init, shuffling, augmentation"})
+    augment: bool = field(default=True, metadata={"help": "random translations of +-1/12"})
+    eval_batch_size: int = field(default=128, metadata={"help": "images per evaluation batch"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
 
 
 def make_optimizer(model: AdaptedModel, config: MethodConfig) -> torch.optim.Optimizer:
@@ -16,14 +43,238 @@ def make_optimizer(model: AdaptedModel, config: MethodConfig) -> torch.optim.Opt
 
 def train_step(
     model: AdaptedModel, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
-) -> torch.Tensor:
-    """Forward, backward, optimizer step on one batch; returns the logits (detached)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward, optimizer step on one batch; returns (loss, logits), detached."""
     logits = model(x)
     loss = F.cross_entropy(logits, y)
     aux = model.auxiliary_loss()
-    if aux is not None:
-        loss = loss + aux
+    total = loss if aux is None else loss + aux
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total.backward()
     optimizer.step()
-    return logits.detach()
+    return loss.detach(), logits.detach()
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random translation by up to 1/12 of the side, edges replicated."""
+    n, _, h, w = x.shape
+    p = max(1, h // 12)
+    padded = F.pad(x, (p, p, p, p), mode="replicate")
+    dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).tolist()
+    dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+
+
+@torch.no_grad()
+def evaluate(
+    model: AdaptedModel,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    preprocess: Preprocess,
+    batch_size: int = 128,
+    device: str = "cpu",
+) -> dict:
+    """Top-1 accuracy and mean loss of ``model`` on uint8 ``images``."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for i in range(0, len(images), batch_size):
+        x = preprocess(images[i : i + batch_size].to(device))
+        y = labels[i : i + batch_size].to(device)
+        logits = model(x)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    model.train(was_training)
+    n = max(1, len(images))
+    return {"accuracy": correct / n, "loss": loss_sum / n}
+
+
+def memory_in_use(device: str) -> int:
+    """Resident memory of this process (CPU) or the CUDA allocator's peak, in bytes."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = optimizer.state_dict()
+    tensors = {
+        f"optimizer.{idx}.{key}": value
+        for idx, state in sd["state"].items()
+        for key, value in state.items()
+    }
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    best_epoch: int
+    best_val_accuracy: float
+    best_state: dict[str, torch.Tensor]
+    seconds: float
+    resumed_from: int | None = None
+
+
+def _lr_lambda(total_steps: int):
+    return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def fit(
+    model: AdaptedModel,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_images: torch.Tensor,
+    val_labels: torch.Tensor,
+    preprocess: Preprocess,
+    method_config: MethodConfig,
+    config: TrainConfig,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    fingerprint: dict | None = None,
+) -> FitResult:
+    """Train ``model`` on one domain; see the module docstring.
+
+    With ``run_dir`` a checkpoint (``checkpoint.safetensors`` + ``checkpoint.json``) is
+    written after each epoch; ``resume=True`` continues from it. ``fingerprint`` is any
+    JSON that must match for a resume to be allowed (method, config, data, backbone).
+    """
+    from tqdm import tqdm
+
+    device = config.device
+    model.to(device).train()
+    optimizer = make_optimizer(model, method_config)
+    steps_per_epoch = math.ceil(len(train_images) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(max(1, steps_per_epoch * config.epochs))
+    )
+    history: list[dict] = []
+    best = {"epoch": -1, "accuracy": -1.0, "state": {}}
+    start_epoch, resumed_from, elapsed = 0, None, 0.0
+    ckpt_t = run_dir / "checkpoint.safetensors" if run_dir else None
+    ckpt_j = run_dir / "checkpoint.json" if run_dir else None
+    identity = {"fingerprint": fingerprint or {}, "train": asdict(config)}
+
+    if resume:
+        if ckpt_t is None or not ckpt_j.is_file():
+            raise Da3Error(f"{run_dir}: no checkpoint to resume from")
+        meta = read_json(ckpt_j)
+        if meta.get("identity") != identity:
+            raise Da3Error(f"{ckpt_j}: checkpoint is from a different run (config or data)")
+        tensors = read_tensors(ckpt_t)
+        model.load_domain_state(
+            {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        )
+        _load_optimizer(optimizer, tensors, meta["optimizer"])
+        scheduler.load_state_dict(meta["scheduler"])
+        best = {
+            "epoch": meta["best_epoch"],
+            "accuracy": meta["best_val_accuracy"],
+            "state": {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")},
+        }
+        history, start_epoch = meta["history"], meta["epoch"] + 1
+        elapsed, resumed_from = meta["seconds"], meta["epoch"]
+
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        order = torch.randperm(len(train_images), generator=g)
+        seen = correct = 0
+        loss_sum = 0.0
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=not progress,
+            leave=True,
+            dynamic_ncols=True,
+        )
+        for step in bar:
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            x = preprocess(train_images[idx].to(device))
+            y = train_labels[idx].to(device)
+            if config.augment:
+                x = augment_batch(x, g)
+            loss, logits = train_step(model, optimizer, x, y)
+            if not torch.isfinite(loss):
+                kept = (
+                    f"; {ckpt_t} keeps epoch {history[-1]['epoch']}" if ckpt_t and history else ""
+                )
+                raise Da3Error(
+                    f"training diverged: loss is {float(loss)} at epoch {epoch + 1}, step "
+                    f"{step + 1}; lower the learning rate{kept}"
+                )
+            scheduler.step()
+            seen += len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += float(loss) * len(y)
+            dt = time.perf_counter() - t0
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.3f}",
+                acc=f"{correct / seen:.3f}",
+                img_s=f"{seen / dt:.0f}",
+                mem=f"{memory_in_use(device) / 2**20:.0f}MiB",
+            )
+        val = evaluate(model, val_images, val_labels, preprocess, config.eval_batch_size, device)
+        seconds = time.perf_counter() - t0
+        elapsed += seconds
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(1, seen),
+            "train_accuracy": correct / max(1, seen),
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "seconds": seconds,
+            "images_per_second": seen / seconds,
+        }
+        history.append(record)
+        if progress:
+            bar.write(
+                f"  epoch {epoch + 1}: val accuracy {val['accuracy']:.4f}, "
+                f"train loss {record['train_loss']:.4f}, {seconds:.1f}s"
+            )
+        if val["accuracy"] > best["accuracy"]:
+            best = {
+                "epoch": epoch + 1,
+                "accuracy": val["accuracy"],
+                "state": {k: v.detach().clone() for k, v in model.domain_state().items()},
+            }
+        if run_dir is not None:
+            opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+            tensors = {f"model.{k}": v for k, v in model.domain_state().items()}
+            tensors |= {f"best.{k}": v for k, v in best["state"].items()} | opt_tensors
+            write_tensors(ckpt_t, tensors)
+            write_json(
+                ckpt_j,
+                {
+                    "identity": identity,
+                    "epoch": epoch,
+                    "history": history,
+                    "best_epoch": best["epoch"],
+                    "best_val_accuracy": best["accuracy"],
+                    "optimizer": opt_meta,
+                    "scheduler": scheduler.state_dict(),
+                    "seconds": elapsed,
+                },
+            )
+    return FitResult(history, best["epoch"], best["accuracy"], best["state"], elapsed, resumed_from)

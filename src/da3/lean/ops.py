@@ -41,9 +41,21 @@ def _shifts(device: torch.device) -> torch.Tensor:
     return s
 
 
+def _memory_order(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``t`` viewed flat in its memory order (channels-last 4-d tensors are not copied)."""
+    if (
+        t.dim() == 4
+        and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return t.permute(0, 2, 3, 1).reshape(-1), True
+    return t.reshape(-1), False
+
+
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a bool tensor into uint8, 8 elements per byte (little-endian bit order)."""
-    flat = mask.reshape(-1)
+    """Pack a bool tensor into uint8, 8 elements per byte (little-endian bit order), in the
+    tensor's memory order (see :func:`unpack_bits`)."""
+    flat, _ = _memory_order(mask)
     pad = (-flat.numel()) % 8
     if pad:
         flat = F.pad(flat.view(torch.uint8), (0, pad))
@@ -51,10 +63,17 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return (bits << _shifts(mask.device)).sum(dim=1, dtype=torch.uint8)
 
 
-def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: a bool tensor of ``shape``."""
+def unpack_bits(
+    packed: torch.Tensor, shape: torch.Size, channels_last: bool = False
+) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a bool tensor of ``shape`` (channels-last strides if
+    the packed mask came from a channels-last tensor)."""
     bits = (packed.unsqueeze(1) >> _shifts(packed.device)) & 1
-    return bits.view(-1)[: math.prod(shape)].view(shape).bool()
+    flat = bits.view(-1)[: math.prod(shape)]
+    if channels_last:
+        n, c, h, w = shape
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2).bool()
+    return flat.view(shape).bool()
 
 
 def packed_mask_bytes(numel: int) -> int:
@@ -201,13 +220,14 @@ class _MaskedActFn(Function):
             y = x.clamp(0, upper)
             mask = (x > 0) & (x < upper)
         ctx.shape = x.shape
+        ctx.channels_last = _memory_order(mask)[1]
         ctx.save_for_backward(pack_bits(mask))
         return y
 
     @staticmethod
     def backward(ctx, grad):
         (packed,) = ctx.saved_tensors
-        mask = unpack_bits(packed, ctx.shape)
+        mask = unpack_bits(packed, ctx.shape, ctx.channels_last)
         return grad * mask, None
 
 
@@ -262,7 +282,7 @@ class _MaxPoolFn(Function):
         local = local.long()
         flat = (oy + local // kernel) * w + (ox + local % kernel)
         grad_x = grad.new_zeros(n, c, h * w)
-        grad_x.scatter_add_(2, flat.view(n, c, -1), grad.reshape(n, c, -1))
+        grad_x.scatter_add_(2, flat.reshape(n, c, -1), grad.reshape(n, c, -1))
         return grad_x.view(shape), None, None, None
 
 

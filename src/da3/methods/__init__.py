@@ -6,9 +6,11 @@ from da3.methods.base import (
     FrozenBackbone,
     MethodConfig,
     build_model,
+    config_help,
     get_method,
     list_methods,
     make_config,
+    parse_config,
     register_method,
 )
 
@@ -17,8 +19,10 @@ __all__ = [
     "FrozenBackbone",
     "MethodConfig",
     "build_model",
+    "config_help",
     "get_method",
     "list_methods",
     "make_config",
+    "parse_config",
     "register_method",
 ]

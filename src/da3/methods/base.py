@@ -143,13 +143,60 @@ def get_method(name: str) -> MethodEntry:
 
 
 def make_config(method: str, overrides: dict | None = None) -> MethodConfig:
-    """The method's config with ``overrides`` (values already typed) applied."""
+    """The method's config with ``overrides`` applied (see :func:`parse_config`)."""
+    return parse_config(method, overrides or {})
+
+
+def _coerce(method: str, f: dataclasses.Field, value):
+    """``value`` (from JSON, YAML or a ``key=value`` string) as the field's type."""
+    kind = (
+        f.type
+        if isinstance(f.type, type)
+        else {"int": int, "float": float, "bool": bool, "str": str}.get(str(f.type))
+    )
+    text = value if isinstance(value, str) else None
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if text is not None and text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text is not None and text.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise Da3Error(f"{method}: config key {f.name!r} expects {kind.__name__}, got {value!r}")
+
+
+def parse_config(method: str, values: dict) -> MethodConfig:
+    """The method's config from untyped values (strings from the command line, or JSON)."""
     cls = get_method(method).config_class
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    for key in overrides or {}:
-        if key not in names:
-            raise Da3Error(f"{method}: unknown config key {key!r}; known: {', '.join(names)}")
-    return cls(**(overrides or {}))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    typed = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise Da3Error(f"{method}: unknown config key {key!r}; known: {', '.join(fields)}")
+        typed[key] = _coerce(method, fields[key], value)
+    return cls(**typed)
+
+
+def config_help(method: str) -> list[tuple[str, str, str]]:
+    """(name, default, help) of each config key of ``method``."""
+    cls = get_method(method).config_class
+    return [(f.name, repr(f.default), f.metadata.get("help", "")) for f in dataclasses.fields(cls)]
 
 
 def build_model(

@@ -1,0 +1,307 @@
+"""Many domains over one frozen backbone: add, train, switch, predict, save, load.
+
+A domain is a name, its classes, its method and config, its own tensors (adaptor, gates,
+head, ...), its metrics, and the fingerprint of the backbone weights it was trained on. On
+disk it is two files in a store folder (format in docs/format.md):
+
+* ``NAME.safetensors``: the domain's tensors, nothing of the backbone;
+* ``NAME.json``: everything else, including a ``build_id`` also written into the
+  safetensors metadata, so that a pair from two different saves is recognised.
+
+Both are written atomically (temporary file, fsync, rename), tensors first. Nothing is
+pickled. Training or adding a domain never touches another domain's tensors: their outputs
+stay the same bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from da3 import __version__
+from da3.backbones import Backbone, create_backbone
+from da3.errors import Da3Error
+from da3.io import read_json, read_tensors, write_json, write_tensors
+from da3.methods import AdaptedModel, FrozenBackbone, MethodConfig, build_model, parse_config
+
+FORMAT = "da3-domain"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise Da3Error(
+            f"domain name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (not first)"
+        )
+    return name
+
+
+@dataclass
+class Domain:
+    """One domain in memory."""
+
+    name: str
+    classes: list[str]
+    method: str
+    config: MethodConfig
+    model: AdaptedModel
+    image_size: int
+    metrics: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+class DomainStore:
+    """A folder of domain files."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def paths(self, name: str) -> tuple[Path, Path]:
+        check_name(name)
+        return self.root / f"{name}.safetensors", self.root / f"{name}.json"
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.stem for p in self.root.glob("*.json") if not p.name.startswith("."))
+
+    def exists(self, name: str) -> bool:
+        return self.paths(name)[1].is_file()
+
+    def require(self, name: str) -> None:
+        if not self.exists(name):
+            known = ", ".join(self.names()) or "none"
+            raise Da3Error(f"unknown domain {name!r} in store {self.root} (domains: {known})")
+
+    def read_meta(self, name: str) -> dict:
+        self.require(name)
+        meta = read_json(self.paths(name)[1])
+        path = self.paths(name)[1]
+        if meta.get("format") != FORMAT:
+            raise Da3Error(f"{path}: not a da3 domain file")
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise Da3Error(f"{path}: written by a newer da3 (format {meta['format_version']})")
+        for key in ("name", "method", "config", "classes", "backbone", "build_id"):
+            if key not in meta:
+                raise Da3Error(f"{path}: missing key {key!r}")
+        return meta
+
+    def read(self, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        meta = self.read_meta(name)
+        tensors_path = self.paths(name)[0]
+        tensors = read_tensors(tensors_path)
+        with safe_open(str(tensors_path), "pt") as f:
+            build_id = (f.metadata() or {}).get("build_id")
+        if build_id != meta["build_id"]:
+            raise Da3Error(
+                f"{tensors_path}: does not belong to {self.paths(name)[1].name} "
+                "(files from different saves)"
+            )
+        return meta, tensors
+
+    def write(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        tensors_path, json_path = self.paths(meta["name"])
+        meta = dict(meta, build_id=secrets.token_hex(8))
+        write_tensors(tensors_path, tensors, {"build_id": meta["build_id"], "format": FORMAT})
+        write_json(json_path, meta)
+
+    def delete(self, name: str) -> None:
+        self.require(name)
+        for p in self.paths(name):
+            p.unlink(missing_ok=True)
+
+    def size_bytes(self, name: str) -> int:
+        return self.paths(name)[0].stat().st_size
+
+
+class MultiDomainModel:
+    """One frozen backbone shared by many domains, each with its own trained tensors."""
+
+    def __init__(self, backbone: Backbone | FrozenBackbone, device: str = "cpu") -> None:
+        self.frozen = backbone if isinstance(backbone, FrozenBackbone) else FrozenBackbone(backbone)
+        self.frozen.stock.to(device)
+        self.device = device
+        self.domains: dict[str, Domain] = {}
+        self.active: str | None = None
+
+    @property
+    def preprocess(self):
+        return self.frozen.stock.preprocess
+
+    def backbone_record(self) -> dict:
+        return {
+            "name": self.frozen.name,
+            "weights": self.frozen.stock.weights,
+            "fingerprint": self.frozen.fingerprint,
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def add_domain(
+        self,
+        name: str,
+        classes: Sequence[str],
+        method: str = "da3",
+        config: MethodConfig | dict | None = None,
+        image_size: int = 96,
+        seed: int = 0,
+    ) -> Domain:
+        check_name(name)
+        if name in self.domains:
+            raise Da3Error(f"domain {name!r} exists already; remove it first")
+        if len(classes) < 2:
+            raise Da3Error(f"domain {name!r}: needs at least 2 classes")
+        if not isinstance(config, MethodConfig):
+            config = parse_config(method, config or {})
+        torch.manual_seed(seed)
+        model = build_model(method, self.frozen, len(classes), config).to(self.device)
+        domain = Domain(name, list(classes), method, config, model.eval(), image_size)
+        self.domains[name] = domain
+        if self.active is None:
+            self.active = name
+        return domain
+
+    def get(self, name: str | None = None) -> Domain:
+        name = name or self.active
+        if name not in self.domains:
+            known = ", ".join(self.domains) or "none"
+            raise Da3Error(f"unknown domain {name!r} (loaded: {known})")
+        return self.domains[name]
+
+    def switch(self, name: str) -> Domain:
+        domain = self.get(name)
+        self.active = name
+        return domain
+
+    def remove(self, name: str) -> None:
+        self.get(name)
+        del self.domains[name]
+        if self.active == name:
+            self.active = next(iter(self.domains), None)
+
+    def list(self) -> list[str]:
+        return list(self.domains)
+
+    # -- inference ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor, domain: str | None = None) -> torch.Tensor:
+        """Logits of uint8 (or float 0-255) images for one domain."""
+        d = self.get(domain)
+        d.model.eval()
+        return d.model(self.preprocess(images.to(self.device)))
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, domains: str | Sequence[str] | None = None):
+        """Logits per sample. With one domain name: an N x C tensor. With one name per
+        sample (a mixed batch): a list of 1-d tensors, each from its own domain's head."""
+        if domains is None or isinstance(domains, str):
+            return self.logits(images, domains)
+        if len(domains) != len(images):
+            raise Da3Error(f"mixed batch: {len(images)} images but {len(domains)} domain names")
+        out: list[torch.Tensor | None] = [None] * len(images)
+        for name in dict.fromkeys(domains):
+            idx = [i for i, d in enumerate(domains) if d == name]
+            logits = self.logits(images[idx], name)
+            for row, i in zip(logits, idx, strict=True):
+                out[i] = row
+        return out
+
+    def top_k(self, images: torch.Tensor, domain: str | None = None, k: int = 5) -> list[list]:
+        d = self.get(domain)
+        probs = self.logits(images, domain).softmax(1)
+        k = min(k, d.num_classes)
+        values, indices = probs.topk(k, dim=1)
+        return [
+            [(d.classes[int(i)], float(p)) for p, i in zip(pv, iv, strict=True)]
+            for pv, iv in zip(values, indices, strict=True)
+        ]
+
+    def evaluate(self, name: str, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        from da3.train import evaluate
+
+        d = self.get(name)
+        return evaluate(d.model, images, labels, self.preprocess, device=self.device)
+
+    # -- files ----------------------------------------------------------------------------
+
+    def save(self, name: str, store: DomainStore) -> Path:
+        d = self.get(name)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": d.name,
+            "method": d.method,
+            "config": dataclasses.asdict(d.config),
+            "classes": d.classes,
+            "image_size": d.image_size,
+            "preprocess": self.preprocess.to_dict(),
+            "backbone": self.backbone_record(),
+            "metrics": d.metrics,
+            "train": d.train,
+            "source": d.source,
+            "library_version": __version__,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        store.write(meta, d.model.domain_state())
+        return store.paths(name)[0]
+
+    def load(self, name: str, store: DomainStore) -> Domain:
+        """Load domain ``name`` from ``store``; refuses one trained on other weights."""
+        meta, tensors = store.read(name)
+        json_path = store.paths(name)[1]
+        mine = self.backbone_record()
+        theirs = meta["backbone"]
+        if theirs.get("fingerprint") != mine["fingerprint"]:
+            raise Da3Error(
+                f"{json_path}: trained on backbone {theirs.get('name')} "
+                f"({theirs.get('weights')}, weights {str(theirs.get('fingerprint'))[:12]}), "
+                f"not on this {mine['name']} ({mine['weights']}, weights "
+                f"{mine['fingerprint'][:12]})"
+            )
+        if name in self.domains:
+            self.remove(name)
+        try:
+            domain = self.add_domain(
+                name, meta["classes"], meta["method"], meta["config"], meta.get("image_size", 96)
+            )
+            domain.model.load_domain_state(tensors)
+        except Da3Error as err:
+            self.domains.pop(name, None)
+            raise Da3Error(f"{json_path}: {err}") from None
+        domain.metrics, domain.train = meta.get("metrics", {}), meta.get("train", {})
+        domain.source = meta.get("source", "")
+        return domain
+
+
+def open_backbone_for(store: DomainStore, name: str, device: str = "cpu") -> MultiDomainModel:
+    """A model over the backbone that domain ``name`` of ``store`` was trained on."""
+    meta = store.read_meta(name)
+    b = meta["backbone"]
+    weights = b.get("weights", "imagenet")
+    weights = "imagenet" if str(weights).startswith("imagenet") else weights
+    weights = None if weights == "random" else weights
+    if str(weights).startswith("file:"):
+        raise Da3Error(
+            f"{store.paths(name)[1]}: trained on a local weights file; load it in Python"
+        )
+    return MultiDomainModel(create_backbone(b["name"], weights), device)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
