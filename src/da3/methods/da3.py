@@ -18,8 +18,8 @@ For a frozen block ``y = act(F(x) + S(x))`` (ResNet) or ``y = F(x) + x`` (invert
 ``A``'s gradient does not involve ``F(x)``; on the lean engine the frozen path keeps only
 1-bit ReLU masks, and everything the adaptor keeps is at the pooled resolution. A closed
 gate skips ``F`` (gates exist only where the shortcut is the identity). The gate's gradient
-``<dL/dy, F(x)>`` is computed from ``F(x)`` average-pooled to the adaptor's resolution, so
-that gating keeps only a pooled copy of ``F(x)``, never ``F(x)`` itself.
+``<dL/dy, F(x)>`` is computed from ``F(x)`` average-pooled to about 4 x 4, so that gating
+keeps only that small pooled copy of ``F(x)``, never ``F(x)`` itself.
 """
 
 from __future__ import annotations
@@ -46,17 +46,20 @@ class DA3Config(MethodConfig):
         default="auto",
         metadata={
             "help": "blocks that get an adaptor: 'all', 'auto' (from the first block whose "
-            "output is at 1/8 of the input resolution or less), 'K-' (block K onwards), "
-            "'K-M', or a comma list"
+            "output is at 1/16 of the input resolution or less: a short gradient path), "
+            "'K-' (block K onwards), 'K-M', or a comma list"
         },
     )
     reduction: int = field(
-        default=2, metadata={"help": "the adaptor runs at the block output resolution / this"}
+        default=4, metadata={"help": "the adaptor runs at the block output resolution / this"}
+    )
+    min_size: int = field(
+        default=4, metadata={"help": "... but never pools a feature map below this side"}
     )
     hidden_ratio: float = field(
         default=0.25, metadata={"help": "adaptor hidden width as a fraction of the block input"}
     )
-    max_hidden: int = field(default=128, metadata={"help": "cap on the adaptor hidden width"})
+    max_hidden: int = field(default=64, metadata={"help": "cap on the adaptor hidden width"})
     gates: bool = field(default=False, metadata={"help": "learn dynamic gates that skip blocks"})
     gate_target: float = field(
         default=0.7,
@@ -78,7 +81,7 @@ def select_blocks(spec: str, backbone: Backbone, image_size: int = 224) -> list[
             h = backbone.stem(torch.zeros(1, 3, 64, 64)).shape[-1]
         for i, b in backbone.iter_blocks():
             h = -(-h // b.stride)
-            if h * 8 <= 64:
+            if h * 16 <= 64:
                 return list(range(i, n))
         return [n - 1]
     try:
@@ -151,7 +154,7 @@ class DA3Block(nn.Module):
         self.block = block
         hidden = max(8, min(config.max_hidden, round(block.in_channels * config.hidden_ratio)))
         self.adaptor = AdditiveAttentionAdaptor(block.in_channels, block.out_channels, hidden)
-        self.reduction = config.reduction
+        self.reduction, self.min_size = config.reduction, config.min_size
         self.gate = None
         if gated:
             self.gate = nn.Linear(block.in_channels, 1)
@@ -164,9 +167,15 @@ class DA3Block(nn.Module):
         s = self.block.stride
         return -(-x.shape[-2] // s), -(-x.shape[-1] // s)
 
+    def pool_factor(self, out_hw: tuple[int, int]) -> int:
+        """Pooling of the block *output* resolution: ``reduction``, unless that would make
+        the map smaller than ``min_size`` (then less, down to no pooling)."""
+        return max(1, min(self.reduction, min(out_hw) // self.min_size))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_hw = self._out_hw(x)
-        pool = max(1, min(self.reduction * self.block.stride, x.shape[-1], x.shape[-2]))
+        out_pool = self.pool_factor(out_hw)
+        pool = out_pool * self.block.stride
         z = lean_avg_pool2d(x, pool)
         a = self.adaptor(z, out_hw)
         s = self.block.forward_shortcut(x)
@@ -176,7 +185,9 @@ class DA3Block(nn.Module):
             g = torch.sigmoid(self.gate(z.mean((2, 3)))).squeeze(1)
             self.last_gate = g
             if self.training:
-                y = _GateFn.apply(self.block.branch(x), g, max(1, pool // self.block.stride))
+                # F(x) is kept for the gate's gradient only as a ~4 x 4 average map.
+                gate_pool = max(1, -(-min(out_hw) // 4))
+                y = _GateFn.apply(self.block.branch(x), g, gate_pool)
             else:
                 y = self._gated_inference(x, g)
         if s is not None:
