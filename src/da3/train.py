@@ -36,9 +36,17 @@ class TrainConfig:
 
 
 def make_optimizer(model: AdaptedModel, config: MethodConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        model.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
+    """AdamW; the head in its own group when the config gives it its own learning rate."""
+    params = model.trainable_parameters()
+    if not config.head_lr:
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    head = {id(p) for p in model.head.parameters()}
+    groups = [
+        {"params": [p for p in params if id(p) not in head]},
+        {"params": [p for p in params if id(p) in head], "lr": config.head_lr},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def train_step(

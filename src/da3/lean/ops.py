@@ -12,7 +12,8 @@ LeanConv2d          nothing but the (frozen, shared) weight; batch norm folded i
 LeanReLU / ReLU6    a 1-bit mask, packed 8 per byte
 LeanMaxPool2d       the arg-max position inside its window, one byte per output
 GlobalAvgPool       nothing (``mean`` keeps only the shape)
-LeanAvgPool2d       nothing (non-overlapping windows; gradient is a spread)
+lean_avg_pool2d     nothing (non-overlapping windows; gradient is a spread)
+lean_adaptive_...   nothing (the backward kernel needs only the input's shape)
 ==================  ===============================================================
 
 Forward values and input gradients equal the stock modules' to float32 rounding.
@@ -335,6 +336,28 @@ class _AvgPoolFn(Function):
         if ph or pw:  # rows/columns that no window covered get no gradient
             g = F.pad(g, (0, pw, 0, ph))
         return g, None
+
+
+class _AdaptiveAvgPoolFn(Function):
+    @staticmethod
+    def forward(ctx, x, size):
+        ctx.shape = x.shape
+        return F.adaptive_avg_pool2d(x, size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # The kernel reads only the input's shape: an expanded one-element tensor stands in.
+        shape_only = grad.new_empty(1).expand(ctx.shape)
+        return torch.ops.aten._adaptive_avg_pool2d_backward(grad, shape_only), None
+
+
+def lean_adaptive_avg_pool2d(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``adaptive_avg_pool2d(x, size)`` whose backward keeps nothing (stock keeps the input)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if not x.requires_grad:
+        return F.adaptive_avg_pool2d(x, size)
+    return _AdaptiveAvgPoolFn.apply(x, tuple(size))
 
 
 def lean_avg_pool2d(x: torch.Tensor, r: int) -> torch.Tensor:

@@ -83,20 +83,26 @@ class AdaptedModel(nn.Module):
         }
 
     @torch.no_grad()
-    def load_domain_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_domain_state(self, state: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
+        """Copy ``state`` into this domain's tensors. ``strict=False`` copies the keys both
+        have (a warm start, e.g. adding gates to a trained adaptor) and returns the keys of
+        this model that were left as they were."""
         own = self.domain_state()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
+        if strict and (missing or unexpected):
             raise Da3Error(
                 f"domain state does not fit the {self.method} model "
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
         for k, t in own.items():
+            if k not in state:
+                continue
             if t.shape != state[k].shape:
                 raise Da3Error(
                     f"domain state {k}: shape {tuple(state[k].shape)} != {tuple(t.shape)}"
                 )
             t.copy_(state[k])
+        return missing
 
 
 def new_head(feature_dim: int, num_classes: int) -> nn.Linear:
@@ -109,6 +115,9 @@ class MethodConfig:
 
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    head_lr: float = field(
+        default=0.0, metadata={"help": "learning rate of the new head (0: the same as lr)"}
+    )
 
 
 @dataclass(frozen=True)

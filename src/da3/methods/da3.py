@@ -8,7 +8,7 @@ not published), documented in docs/methods.md.
 
 For a frozen block ``y = act(F(x) + S(x))`` (ResNet) or ``y = F(x) + x`` (inverted residual):
 
-    z = avgpool_p(x)                           at the reduced resolution; keeps nothing
+    z = adaptive_avgpool(x)                    at the reduced resolution; keeps nothing
     u = relu(dw3x3(relu(conv1x1(z))))          hidden width h
     v = u * channel_att(GAP(u)) * spatial_att(u)
     A = upsample_nearest(conv1x1(v), out_hw)   last conv zero-initialised: A = 0 at start
@@ -34,14 +34,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from da3.backbones.base import Backbone, Block
 from da3.errors import Da3Error
-from da3.lean import lean_avg_pool2d, share_clone
+from da3.lean import lean_adaptive_avg_pool2d, share_clone
 from da3.methods.base import AdaptedModel, FrozenBackbone, MethodConfig, new_head, register_method
 from da3.methods.finetune import _Features
 
 
 @dataclass
 class DA3Config(MethodConfig):
-    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of adaptors, gates"})
+    head_lr: float = field(default=3e-3, metadata={"help": "learning rate of the new head"})
     blocks: str = field(
         default="auto",
         metadata={
@@ -53,9 +54,7 @@ class DA3Config(MethodConfig):
     reduction: int = field(
         default=4, metadata={"help": "the adaptor runs at the block output resolution / this"}
     )
-    min_size: int = field(
-        default=4, metadata={"help": "... but never pools a feature map below this side"}
-    )
+    min_size: int = field(default=4, metadata={"help": "... but never below this side (pixels)"})
     hidden_ratio: float = field(
         default=0.25, metadata={"help": "adaptor hidden width as a fraction of the block input"}
     )
@@ -167,16 +166,14 @@ class DA3Block(nn.Module):
         s = self.block.stride
         return -(-x.shape[-2] // s), -(-x.shape[-1] // s)
 
-    def pool_factor(self, out_hw: tuple[int, int]) -> int:
-        """Pooling of the block *output* resolution: ``reduction``, unless that would make
-        the map smaller than ``min_size`` (then less, down to no pooling)."""
-        return max(1, min(self.reduction, min(out_hw) // self.min_size))
+    def adaptor_size(self, out_hw: tuple[int, int]) -> tuple[int, int]:
+        """The adaptor's resolution: the block output's / ``reduction``, but at least
+        ``min_size`` a side (and never more than the output itself)."""
+        return tuple(min(s, max(self.min_size, -(-s // self.reduction))) for s in out_hw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_hw = self._out_hw(x)
-        out_pool = self.pool_factor(out_hw)
-        pool = out_pool * self.block.stride
-        z = lean_avg_pool2d(x, pool)
+        z = lean_adaptive_avg_pool2d(x, self.adaptor_size(out_hw))
         a = self.adaptor(z, out_hw)
         s = self.block.forward_shortcut(x)
         if self.gate is None:
