@@ -132,12 +132,14 @@ class LeanConv2d(nn.Module):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> LeanConv2d:
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"LeanConv2d: padding_mode {conv.padding_mode!r} is not supported")
         weight, bias = fold_conv_bn(conv, bn)
         return cls(
             weight,
             bias,
             conv.stride,
-            conv.padding,
+            _numeric_padding(conv),
             conv.dilation,
             conv.groups,
             same_pad=hasattr(conv, "same_pad"),
@@ -175,6 +177,29 @@ class LeanConv2d(nn.Module):
         )
 
 
+def _numeric_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """``conv.padding`` as numbers (PyTorch also accepts the strings 'valid' and 'same')."""
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        if any(t % 2 for t in total):
+            raise ValueError("LeanConv2d: padding='same' with an even extent is asymmetric")
+        return tuple(t // 2 for t in total)
+    return tuple(conv.padding)
+
+
+def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode batch norm as ``x * scale + shift`` (float64)."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("a batch norm without running statistics cannot be frozen")
+    var, mean = bn.running_var.double(), bn.running_mean.double()
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    return scale, beta - mean * scale
+
+
 @torch.no_grad()
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of one convolution equal to ``bn(conv(x))`` with ``bn`` in eval mode."""
@@ -185,9 +210,9 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.Tens
         else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
     )
     if bn is not None:
-        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        scale, shift = _bn_scale_shift(bn)
         w = w * scale.view(-1, 1, 1, 1)
-        b = (b - bn.running_mean.double()) * scale + bn.bias.double()
+        b = b * scale + shift
     return w.to(conv.weight.dtype).contiguous(), b.to(conv.weight.dtype)
 
 
@@ -197,8 +222,7 @@ class LeanAffine(nn.Module):
     def __init__(self, bn: nn.BatchNorm2d) -> None:
         super().__init__()
         with torch.no_grad():
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            shift = bn.bias - bn.running_mean * scale
+            scale, shift = (t.to(torch.float32) for t in _bn_scale_shift(bn))
         self.register_buffer("scale", scale.view(1, -1, 1, 1).contiguous())
         self.register_buffer("shift", shift.view(1, -1, 1, 1).contiguous())
 
@@ -229,7 +253,7 @@ class _MaskedActFn(Function):
     def backward(ctx, grad):
         (packed,) = ctx.saved_tensors
         mask = unpack_bits(packed, ctx.shape, ctx.channels_last)
-        return grad * mask, None
+        return grad.masked_fill(~mask, 0), None  # select as stock does (inf * 0 is nan)
 
 
 class LeanReLU(nn.Module):
@@ -299,7 +323,10 @@ class LeanMaxPool2d(nn.Module):
     @classmethod
     def from_module(cls, m: nn.MaxPool2d) -> LeanMaxPool2d:
         def one(v):
-            v = v if isinstance(v, int) else v[0]
+            if not isinstance(v, int):
+                if len(set(v)) != 1:
+                    raise ValueError(f"LeanMaxPool2d supports square windows only, not {v}")
+                v = v[0]
             return int(v)
 
         if m.dilation not in (1, (1, 1)) or m.ceil_mode:
