@@ -16,7 +16,6 @@ stay the same bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 import secrets
 import time
@@ -301,7 +300,3 @@ def open_backbone_for(store: DomainStore, name: str, device: str = "cpu") -> Mul
             f"{store.paths(name)[1]}: trained on a local weights file; load it in Python"
         )
     return MultiDomainModel(create_backbone(b["name"], weights), device)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

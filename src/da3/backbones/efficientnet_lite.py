@@ -38,22 +38,26 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+def pad_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
+    """Zero-pad ``x`` for TensorFlow "same" padding (no copy when nothing to pad)."""
+    top, bottom = same_padding(x.shape[-2], kernel[0], stride[0])
+    left, right = same_padding(x.shape[-1], kernel[1], stride[1])
+    if top or bottom or left or right:
+        x = F.pad(x, (left, right, top, bottom))  # keeps nothing for backward
+    return x
+
+
 class Conv2dSame(nn.Conv2d):
     """A convolution with TensorFlow "same" padding, computed from the input size."""
+
+    same_pad = True
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs["padding"] = 0
         super().__init__(*args, **kwargs)
 
-    def same_pad(self, x: torch.Tensor) -> torch.Tensor:
-        top, bottom = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])
-        left, right = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1])
-        if top or bottom or left or right:
-            x = F.pad(x, (left, right, top, bottom))
-        return x
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.same_pad(x))
+        return super().forward(pad_same(x, self.kernel_size, self.stride))
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:

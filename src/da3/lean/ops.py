@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
 
+from da3.backbones.efficientnet_lite import pad_same
+
 # ---------------------------------------------------------------------------------------
 # bit packing
 
@@ -142,7 +144,7 @@ class LeanConv2d(nn.Module):
             _numeric_padding(conv),
             conv.dilation,
             conv.groups,
-            same_pad=hasattr(conv, "same_pad"),
+            same_pad=getattr(conv, "same_pad", False),
         )
 
     @property
@@ -155,12 +157,7 @@ class LeanConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.same_pad:
-            from da3.backbones.efficientnet_lite import same_padding
-
-            kh, kw = self.weight.shape[-2:]
-            top, bottom = same_padding(x.shape[-2], kh, self.stride[0])
-            left, right = same_padding(x.shape[-1], kw, self.stride[1])
-            x = F.pad(x, (left, right, top, bottom))  # keeps nothing for backward
+            x = pad_same(x, tuple(self.weight.shape[-2:]), self.stride)
         if not (x.requires_grad or self.bias.requires_grad):
             return F.conv2d(
                 x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
