@@ -19,12 +19,16 @@ import argparse
 import dataclasses
 import time
 
+import torch
+
 from common import RESULTS, header, run_info, save
 from da3.backbones import create_backbone
 from da3.data import BENCHMARK_DOMAINS, load_domain
-from da3.io import read_json
+from da3.io import read_json, write_tensors
 from da3.methods import FrozenBackbone, build_model, make_config
 from da3.train import TrainConfig, evaluate, fit
+
+STATES = RESULTS / ".states"  # trained domain tensors, reused by gating.py (git-ignored)
 
 
 def train_one(frozen, method, overrides, data, protocol) -> dict:
@@ -104,7 +108,16 @@ def main() -> None:
         metavar="METHOD.key=value",
         help="method config override, e.g. da3.reduction=2",
     )
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument(
+        "--merge",
+        default="",
+        help="comma-separated other result files (same protocol, e.g. from a parallel run) "
+        "to include in a combined table, written as <out>_table.{json,md}",
+    )
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     methods, domains = args.methods.split(","), args.domains.split(",")
     overrides: dict[str, dict] = {}
     for item in args.set:
@@ -125,7 +138,22 @@ def main() -> None:
         old = read_json(path)
         if old.get("protocol") == protocol:
             records = old["records"]
+    merged = []
+    for other in filter(None, args.merge.split(",")):
+        data = read_json(RESULTS / f"{other}.json")
+        if data.get("protocol") != protocol:
+            raise SystemExit(f"{other}.json was made under another protocol")
+        merged += data["records"]
     info = run_info()
+    info["threads"] = torch.get_num_threads()
+    if merged:
+        table_methods = list(dict.fromkeys([*methods, *(r["method"] for r in merged)]))
+        save(
+            args.out + "_table",
+            {"info": info, "protocol": protocol, "records": records + merged},
+            markdown(info, protocol, records + merged, table_methods, domains),
+        )
+        return
     frozen = FrozenBackbone(create_backbone("efficientnet_lite0", "imagenet"))
     t0 = time.perf_counter()
     for d in domains:
@@ -133,7 +161,13 @@ def main() -> None:
         for m in methods:
             if any(r["method"] == m and r["domain"] == d for r in records):
                 continue
-            rec, _ = train_one(frozen, m, overrides.get(m, {}), data, protocol)
+            rec, model = train_one(frozen, m, overrides.get(m, {}), data, protocol)
+            if m == "da3":
+                write_tensors(
+                    STATES / f"{args.out}-{m}-{d}.safetensors",
+                    model.domain_state(),
+                    {"protocol": protocol},
+                )
             records.append({"method": m, "domain": d, **rec})
             print(
                 f"{m:10s} {d:10s} test {rec['test_accuracy']:.4f} ({rec['train_seconds']:.0f}s)",
