@@ -22,12 +22,17 @@ class BiasConfig(MethodConfig):
     lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate"})
 
 
-@register_method("bias", BiasConfig, "biases + head train (TinyTL-B), lean engine")
-def build(frozen: FrozenBackbone, num_classes: int, config: BiasConfig) -> AdaptedModel:
-    backbone = share_clone(frozen.lean)
+def train_biases(backbone: nn.Module) -> nn.Module:
+    """Give every lean convolution of a (share-cloned) backbone its own trainable bias."""
     for m in backbone.modules():
         if isinstance(m, LeanConv2d):
             m.bias = nn.Parameter(m.bias.detach().clone())  # the domain's own copy
+    return backbone
+
+
+@register_method("bias", BiasConfig, "biases + head train (TinyTL-B), lean engine")
+def build(frozen: FrozenBackbone, num_classes: int, config: BiasConfig) -> AdaptedModel:
+    backbone = train_biases(share_clone(frozen.lean))
     return AdaptedModel(
         _Features(backbone), new_head(frozen.feature_dim, num_classes), frozen, "bias"
     )
