@@ -154,9 +154,27 @@ def resolve_settings(args) -> tuple[dict, dict]:
             raise Da3Error(f"setting {key!r} expects an integer, got {run[key]!r}") from None
         if run[key] < (0 if key == "seed" else 1):
             raise Da3Error(f"setting {key!r} must be positive, got {run[key]}")
-    if isinstance(run["augment"], str):
-        run["augment"] = run["augment"].lower() in ("1", "true", "yes", "on")
+    augment = str(run["augment"]).lower()
+    if augment not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise Da3Error(f"setting 'augment' expects true or false, got {run['augment']!r}")
+    run["augment"] = augment in ("1", "true", "yes", "on")
+    check_device(run["device"])
+    # A folder given relative to here is recorded absolute, so `eval` works from anywhere.
+    from da3.data import BENCHMARK_DOMAINS
+
+    if run["data"] not in BENCHMARK_DOMAINS and Path(str(run["data"])).exists():
+        run["data"] = str(Path(run["data"]).resolve())
     return run, values
+
+
+def check_device(device: str) -> str:
+    import torch
+
+    if device not in ("cpu", "cuda"):
+        raise Da3Error(f"setting 'device' must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise Da3Error("device cuda: no CUDA device is available on this machine")
+    return device
 
 
 def train_domain(
@@ -305,7 +323,7 @@ def _open(store_dir: str, name: str, device: str = "cpu"):
 def run_eval(args) -> int:
     from da3.data import load_domain
 
-    model, _ = _open(args.store, args.domain, args.device)
+    model, _ = _open(args.store, args.domain, check_device(args.device))
     d = model.get(args.domain)
     source = args.data or d.source
     if not source:
@@ -345,6 +363,8 @@ def run_predict(args) -> int:
 
     from da3.data.folder import load_image
 
+    if args.top_k < 1:
+        raise Da3Error(f"--top-k must be at least 1, got {args.top_k}")
     files = _image_files(args.path)
     model, _ = _open(args.store, args.domain)
     d = model.get(args.domain)

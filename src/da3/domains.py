@@ -16,8 +16,10 @@ stay the same bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,7 +40,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name or ""):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise Da3Error(
             f"domain name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (not first)"
         )
@@ -100,32 +102,67 @@ class DomainStore:
                 raise Da3Error(f"{path}: missing key {key!r}")
         return meta
 
+    def _previous(self, name: str) -> Path:
+        """Where the last saved tensors wait until the new JSON is in place."""
+        return self.root / f".{name}.safetensors.prev"
+
     def read(self, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
         meta = self.read_meta(name)
         tensors_path = self.paths(name)[0]
-        tensors = read_tensors(tensors_path)
-        with safe_open(str(tensors_path), "pt") as f:
-            build_id = (f.metadata() or {}).get("build_id")
-        if build_id != meta["build_id"]:
-            raise Da3Error(
-                f"{tensors_path}: does not belong to {self.paths(name)[1].name} "
-                "(files from different saves)"
-            )
-        return meta, tensors
+        candidates = [tensors_path, self._previous(name)]  # the second: a save cut short
+        for path in candidates:
+            if path.is_file() and _build_id(path) == meta["build_id"]:
+                return meta, read_tensors(path)
+        read_tensors(tensors_path)  # a damaged file gets its own message
+        raise Da3Error(
+            f"{tensors_path}: does not belong to {self.paths(name)[1].name} "
+            "(files from different saves)"
+        )
 
     def write(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Tensors, then JSON, each atomically. Until the JSON is in place the previous
+        tensors stay on disk (restored if the JSON cannot be written, found by ``read``
+        after a crash between the two), so a saved domain is never lost."""
         tensors_path, json_path = self.paths(meta["name"])
         meta = dict(meta, build_id=secrets.token_hex(8))
-        write_tensors(tensors_path, tensors, {"build_id": meta["build_id"], "format": FORMAT})
-        write_json(json_path, meta)
+        previous = self._previous(meta["name"])
+        try:
+            previous.unlink(missing_ok=True)
+            if tensors_path.is_file() and json_path.is_file():
+                try:
+                    os.link(tensors_path, previous)
+                except OSError:  # no hard links on this file system
+                    shutil.copyfile(tensors_path, previous)
+        except OSError as err:
+            raise Da3Error(f"{self.root}: cannot write here ({err.strerror})") from None
+        try:
+            write_tensors(tensors_path, tensors, {"build_id": meta["build_id"], "format": FORMAT})
+        except BaseException:
+            previous.unlink(missing_ok=True)  # the old tensors file is still in place
+            raise
+        try:
+            write_json(json_path, meta)
+        except BaseException:
+            if previous.is_file():
+                os.replace(previous, tensors_path)
+            raise
+        previous.unlink(missing_ok=True)
 
     def delete(self, name: str) -> None:
         self.require(name)
-        for p in self.paths(name):
+        for p in (*self.paths(name), self._previous(name)):
             p.unlink(missing_ok=True)
 
     def size_bytes(self, name: str) -> int:
         return self.paths(name)[0].stat().st_size
+
+
+def _build_id(path: Path) -> str | None:
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("build_id")
+    except Exception:  # noqa: BLE001 - unreadable: no id
+        return None
 
 
 class MultiDomainModel:
@@ -273,8 +310,7 @@ class MultiDomainModel:
                 f"not on this {mine['name']} ({mine['weights']}, weights "
                 f"{mine['fingerprint'][:12]})"
             )
-        if name in self.domains:
-            self.remove(name)
+        previous = self.domains.pop(name, None)  # put back if the new one fails to load
         try:
             domain = self.add_domain(
                 name, meta["classes"], meta["method"], meta["config"], meta.get("image_size", 96)
@@ -282,6 +318,8 @@ class MultiDomainModel:
             domain.model.load_domain_state(tensors)
         except Da3Error as err:
             self.domains.pop(name, None)
+            if previous is not None:
+                self.domains[name] = previous
             raise Da3Error(f"{json_path}: {err}") from None
         domain.metrics, domain.train = meta.get("metrics", {}), meta.get("train", {})
         domain.source = meta.get("source", "")

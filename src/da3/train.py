@@ -182,7 +182,11 @@ def fit(
     start_epoch, resumed_from, elapsed = 0, None, 0.0
     ckpt_t = run_dir / "checkpoint.safetensors" if run_dir else None
     ckpt_j = run_dir / "checkpoint.json" if run_dir else None
-    identity = {"fingerprint": fingerprint or {}, "train": asdict(config)}
+    identity = {
+        "fingerprint": fingerprint or {},
+        "train": asdict(config),
+        "method_config": asdict(method_config),
+    }
 
     if resume:
         if ckpt_t is None or not ckpt_j.is_file():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -118,6 +119,16 @@ class MethodConfig:
     head_lr: float = field(
         default=0.0, metadata={"help": "learning rate of the new head (0: the same as lr)"}
     )
+
+    def __post_init__(self) -> None:
+        self.check(lr=self.lr > 0, weight_decay=self.weight_decay >= 0, head_lr=self.head_lr >= 0)
+
+    def check(self, **conditions: bool) -> None:
+        """Raise a one-line Da3Error for the first key whose condition fails (or is NaN)."""
+        for key, ok in conditions.items():
+            value = getattr(self, key)
+            if not ok or (isinstance(value, float) and not math.isfinite(value)):
+                raise Da3Error(f"{type(self).__name__}: {key}={value!r} is out of range")
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ For a frozen block ``y = act(F(x) + S(x))`` (ResNet) or ``y = F(x) + x`` (invert
 ``A``'s gradient does not involve ``F(x)``; on the lean engine the frozen path keeps only
 1-bit ReLU masks, and everything the adaptor keeps is at the pooled resolution. A closed
 gate skips ``F`` (gates exist only where the shortcut is the identity). The gate's gradient
-``<dL/dy, F(x)>`` is computed from ``F(x)`` average-pooled to about 4 x 4, so that gating
-keeps only that small pooled copy of ``F(x)``, never ``F(x)`` itself.
+``<dL/dy, F(x)>`` needs ``F(x)``: gated blocks keep it in 8 bits (1 byte per element, with a
+scale per sample and channel) during gate training, a cost the profiler counts.
 """
 
 from __future__ import annotations
@@ -67,6 +67,18 @@ class DA3Config(MethodConfig):
     gate_weight: float = field(default=5.0, metadata={"help": "weight of the FLOP-budget loss"})
     gate_init: float = field(default=3.0, metadata={"help": "initial gate logit (open)"})
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(
+            reduction=self.reduction >= 1,
+            min_size=self.min_size >= 1,
+            hidden_ratio=self.hidden_ratio > 0,
+            max_hidden=self.max_hidden >= 1,
+            gate_target=0 < self.gate_target <= 1,
+            gate_weight=self.gate_weight >= 0,
+            gate_init=True,
+        )
+
 
 def select_blocks(spec: str, backbone: Backbone, image_size: int = 224) -> list[int]:
     """Indices of the blocks that get an adaptor, from a ``blocks`` spec."""
@@ -77,7 +89,7 @@ def select_blocks(spec: str, backbone: Backbone, image_size: int = 224) -> list[
     if spec == "auto":
         # Output resolution of each block, from the strides (stem included).
         with torch.no_grad():
-            h = backbone.stem(torch.zeros(1, 3, 64, 64)).shape[-1]
+            h = backbone.stem(_probe(backbone, 64)).shape[-1]
         for i, b in backbone.iter_blocks():
             h = -(-h // b.stride)
             if h * 16 <= 64:
@@ -124,25 +136,29 @@ class AdditiveAttentionAdaptor(nn.Module):
 
 
 class _GateFn(Function):
-    """``f * hard(g)`` with a straight-through gradient for ``g`` from a pooled ``f``."""
+    """``f * hard(g)`` with a straight-through gradient ``<dL/dy, f>`` for ``g``.
+
+    ``f`` (the frozen branch's output) is kept for that inner product in 8 bits: int8 with
+    one scale per sample and channel, 1 byte per element instead of 4. (Pooling ``f`` and the
+    gradient before the product is cheaper but loses their fine-grained correlation: the
+    estimate then often has the wrong sign on maps larger than a few pixels.)
+    """
 
     @staticmethod
-    def forward(ctx, f, g_soft, pool):
+    def forward(ctx, f, g_soft):
         hard = (g_soft > 0.5).to(f.dtype)
-        ctx.pool = pool
-        pooled = F.avg_pool2d(f, pool, pool, ceil_mode=True) if pool > 1 else f
-        ctx.save_for_backward(hard, pooled.detach())
+        with torch.no_grad():
+            scale = f.abs().amax((2, 3), keepdim=True).clamp_min(1e-12) / 127.0
+            q = torch.round(f / scale).to(torch.int8)
+        ctx.save_for_backward(hard, q, scale)
         return f * hard.view(-1, 1, 1, 1)
 
     @staticmethod
     def backward(ctx, grad):
-        hard, pooled = ctx.saved_tensors
-        pool = ctx.pool
+        hard, q, scale = ctx.saved_tensors
         grad_f = grad * hard.view(-1, 1, 1, 1)
-        g = F.avg_pool2d(grad, pool, pool, ceil_mode=True) if pool > 1 else grad
-        # <grad, f> ~= pool^2 * <avgpool(grad), avgpool(f)> (exact where f is flat per window)
-        grad_g = (g * pooled).sum((1, 2, 3)) * (pool * pool)
-        return grad_f, grad_g, None
+        grad_g = (grad * (q.to(grad.dtype) * scale)).sum((1, 2, 3))
+        return grad_f, grad_g
 
 
 class DA3Block(nn.Module):
@@ -182,9 +198,7 @@ class DA3Block(nn.Module):
             g = torch.sigmoid(self.gate(z.mean((2, 3)))).squeeze(1)
             self.last_gate = g
             if self.training:
-                # F(x) is kept for the gate's gradient only as a ~4 x 4 average map.
-                gate_pool = max(1, -(-min(out_hw) // 4))
-                y = _GateFn.apply(self.block.branch(x), g, gate_pool)
+                y = _GateFn.apply(self.block.branch(x), g)
             else:
                 y = self._gated_inference(x, g)
         if s is not None:
@@ -230,9 +244,17 @@ class DA3Model(AdaptedModel):
         return 1.0 - skipped
 
 
+def _probe(backbone: Backbone, image_size: int) -> torch.Tensor:
+    """A zero image on the backbone's device, in its dtype."""
+    t = next(iter(backbone.buffers()), None)
+    if t is None:
+        t = next(backbone.parameters())
+    return torch.zeros(1, 3, image_size, image_size, dtype=t.dtype, device=t.device)
+
+
 def _branch_flop_fractions(backbone: Backbone, blocks: list[int], image_size: int = 64) -> dict:
     """Each chosen block's branch FLOPs as a fraction of the whole network's."""
-    x = torch.zeros(1, 3, image_size, image_size)
+    x = _probe(backbone, image_size)
     with torch.no_grad():
         total = FlopCounterMode(display=False)
         with total:

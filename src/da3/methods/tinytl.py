@@ -34,6 +34,10 @@ class TinyTLConfig(MethodConfig):
     downsample: int = field(default=2, metadata={"help": "pooling of the lite residual input"})
     group_width: int = field(default=8, metadata={"help": "channels per group of the 3x3 conv"})
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(downsample=self.downsample >= 1, group_width=self.group_width >= 1)
+
 
 class LiteResidual(nn.Module):
     def __init__(self, c_in: int, c_out: int, group_width: int) -> None:
