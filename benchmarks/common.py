@@ -30,7 +30,16 @@ def run_info(device: str = "cpu") -> dict:
         ).stdout.strip()
         dirty = bool(
             subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
+                # results being written by a running benchmark do not make the code dirty
+                [
+                    "git",
+                    "status",
+                    "--porcelain",
+                    "--untracked-files=no",
+                    "--",
+                    ".",
+                    ":(exclude)results",
+                ],
                 capture_output=True,
                 text=True,
                 check=True,
