@@ -89,7 +89,10 @@ def markdown(
         header(info, "Accuracy on the offline domains (test top-1)")
         + f"Protocol: {proto}. See the docstring of benchmarks/accuracy.py.\n\n"
         + "\n".join(lines)
-        + "\n\nstate KiB: mean size of a domain's own tensors.\n"
+        + "\n\nstate KiB: mean size of a domain's own tensors. train s: wall time of the "
+        "training in these runs, which shared the CPU with other jobs to a varying degree: not "
+        "a speed comparison (the step-time comparison is in the profile tables, measured "
+        "interleaved in one run).\n"
     )
 
 
