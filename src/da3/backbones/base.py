@@ -81,7 +81,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.branch(x)
         if self.shortcut is not None:
-            y = y + self.shortcut(x)
+            # In place, as torchvision does: the branch ends in a convolution or batch norm,
+            # whose output nothing else reads or keeps.
+            y += self.shortcut(x)
         return self.act(y)
 
     def extra_repr(self) -> str:

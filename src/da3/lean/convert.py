@@ -36,7 +36,10 @@ def _convert_sequence(children: list[nn.Module]) -> list[nn.Module]:
             out.append(LeanConv2d.from_conv(m, nxt))
             i += 2
             continue
-        out.append(convert_module(m))
+        lean = convert_module(m)
+        if isinstance(lean, LeanReLU) and out and isinstance(out[-1], LeanConv2d):
+            lean.inplace = True  # a convolution's output is read by nothing else
+        out.append(lean)
         i += 1
     return out
 
@@ -46,10 +49,13 @@ def convert_module(m: nn.Module) -> nn.Module:
     if isinstance(m, LEAN_TYPES + _PASS_THROUGH):
         return m
     if isinstance(m, Block):
+        act = convert_module(m.act)
+        if isinstance(act, LeanReLU):
+            act = type(act)(inplace=True)  # its input is the block's own sum
         return Block(
             convert_module(m.branch),
             None if m.shortcut is None else convert_module(m.shortcut),
-            convert_module(m.act),
+            act,
             in_channels=m.in_channels,
             out_channels=m.out_channels,
             stride=m.stride,

@@ -77,16 +77,19 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_bits(
-    packed: torch.Tensor, shape: torch.Size, channels_last: bool = False
+    packed: torch.Tensor, shape: torch.Size, channels_last: bool = False, as_bool: bool = True
 ) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: a bool tensor of ``shape`` (channels-last strides if
-    the packed mask came from a channels-last tensor)."""
+    the packed mask came from a channels-last tensor); ``as_bool=False`` gives the 0/1 bits
+    as uint8 (no conversion pass: multiplying a gradient by them is ~18x faster here)."""
     bits = (packed.unsqueeze(1) >> _shifts(packed.device)) & 1
     flat = bits.view(-1)[: math.prod(shape)]
     if channels_last:
         n, c, h, w = shape
-        return flat.view(n, h, w, c).permute(0, 3, 1, 2).bool()
-    return flat.view(shape).bool()
+        out = flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    else:
+        out = flat.view(shape)
+    return out.bool() if as_bool else out
 
 
 def packed_mask_bytes(numel: int) -> int:
@@ -244,47 +247,53 @@ class LeanAffine(nn.Module):
 
 class _MaskedActFn(Function):
     @staticmethod
-    def forward(ctx, x, upper):
-        if upper is None:
-            y = x.clamp_min(0)
-            mask = x > 0
-        else:
-            y = x.clamp(0, upper)
-            mask = (x > 0) & (x < upper)
+    def forward(ctx, x, upper, inplace):
+        mask = x > 0 if upper is None else (x > 0) & (x < upper)
         ctx.shape = x.shape
         ctx.channels_last = _memory_order(mask)[1]
         ctx.save_for_backward(pack_bits(mask))
-        return y
+        if inplace:  # the caller guarantees x is a temporary nobody else reads
+            ctx.mark_dirty(x)
+            return x.clamp_min_(0) if upper is None else x.clamp_(0, upper)
+        return x.clamp_min(0) if upper is None else x.clamp(0, upper)
 
     @staticmethod
     def backward(ctx, grad):
         (packed,) = ctx.saved_tensors
-        mask = unpack_bits(packed, ctx.shape, ctx.channels_last)
-        # A multiply is ~3x faster than a select here. It differs from stock only for an
+        bits = unpack_bits(packed, ctx.shape, ctx.channels_last, as_bool=False)
+        # A multiply is much faster than a select here. It differs from stock only for an
         # infinite upstream gradient (inf * 0 = nan), when training has diverged anyway.
-        return grad * mask, None
+        return grad * bits, None, None
 
 
 class LeanReLU(nn.Module):
-    """ReLU keeping a 1-bit mask (``x > 0``) for backward."""
+    """ReLU keeping a 1-bit mask (``x > 0``) for backward.
+
+    ``inplace=True`` overwrites its input; the converter sets it only where the input is a
+    temporary that nothing else reads (a convolution's output, a block's sum).
+    """
 
     upper: float | None = None
 
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = inplace
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.requires_grad:
-            return F.relu(x)
-        return _MaskedActFn.apply(x, self.upper)
+            if self.upper is None:
+                return F.relu(x, inplace=self.inplace)
+            return F.relu6(x, inplace=self.inplace)
+        return _MaskedActFn.apply(x, self.upper, self.inplace)
+
+    def extra_repr(self) -> str:
+        return "inplace=True" if self.inplace else ""
 
 
 class LeanReLU6(LeanReLU):
     """ReLU6 keeping a 1-bit mask: its gradient is 1 exactly where ``0 < x < 6``."""
 
     upper = 6.0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.requires_grad:
-            return F.relu6(x)
-        return _MaskedActFn.apply(x, self.upper)
 
 
 # ---------------------------------------------------------------------------------------

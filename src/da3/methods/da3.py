@@ -202,8 +202,9 @@ class DA3Block(nn.Module):
             else:
                 y = self._gated_inference(x, g)
         if s is not None:
-            y = y + s
-        return self.block.act(y + a)
+            y += s  # in place: y is the branch's (or the gate's) fresh output
+        y += a
+        return self.block.act(y)
 
     def _gated_inference(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Run the frozen branch only for the samples whose gate is open."""

@@ -71,7 +71,7 @@ class LiteResidualBlock(nn.Module):
         y = self.block.branch(x) + self.lite(lean_avg_pool2d(x, r), out_hw)
         shortcut = self.block.forward_shortcut(x)
         if shortcut is not None:
-            y = y + shortcut
+            y += shortcut
         return self.block.act(y)
 
 
