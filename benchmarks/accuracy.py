@@ -26,7 +26,7 @@ from da3.backbones import create_backbone
 from da3.data import BENCHMARK_DOMAINS, load_domain
 from da3.io import read_json, write_tensors
 from da3.methods import FrozenBackbone, build_model, make_config
-from da3.train import TrainConfig, evaluate, fit
+from da3.train import TrainConfig, evaluate, fit_domain
 
 STATES = RESULTS / ".states"  # trained domain tensors, reused by gating.py (git-ignored)
 
@@ -41,12 +41,9 @@ def train_one(frozen, method, overrides, data, protocol) -> dict:
     torch.manual_seed(protocol["seed"])
     model = build_model(method, frozen, len(data.classes), config)
     t0 = time.perf_counter()
-    result = fit(
+    result = fit_domain(
         model,
-        data.train.images,
-        data.train.labels,
-        data.val.images,
-        data.val.labels,
+        data,
         frozen.stock.preprocess,
         config,
         tc,

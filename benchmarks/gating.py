@@ -27,7 +27,7 @@ from da3.backbones import create_backbone
 from da3.data import BENCHMARK_DOMAINS, load_domain
 from da3.io import read_json
 from da3.methods import FrozenBackbone, build_model, make_config
-from da3.train import TrainConfig, evaluate, fit
+from da3.train import TrainConfig, evaluate, fit_domain
 
 
 @torch.no_grad()
@@ -130,12 +130,9 @@ def main() -> None:
             model.load_domain_state(state, strict=False)
             tc = TrainConfig(epochs=args.gate_epochs, batch_size=32, seed=1)
             s0 = time.perf_counter()
-            result = fit(
+            result = fit_domain(
                 model,
-                data.train.images,
-                data.train.labels,
-                data.val.images,
-                data.val.labels,
+                data,
                 pre,
                 config,
                 tc,

@@ -33,13 +33,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 DA3 = Path(sys.executable).with_name("da3")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: much faster for tiny networks on a small, shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def make_folder(root: Path, per_class: int = 12, size: int = 32) -> Path:

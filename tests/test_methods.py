@@ -46,14 +46,7 @@ BACKBONES = list_backbones()
 SIZE, BATCH, CLASSES = 32, 2, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a small shared machine, OpenMP threads that spin against
-    another busy process make these tiny networks ~15x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 _FROZEN: dict[str, FrozenBackbone] = {}

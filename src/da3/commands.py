@@ -195,7 +195,7 @@ def train_domain(
     from da3.data import load_domain
     from da3.domains import DomainStore, MultiDomainModel, check_name
     from da3.methods import parse_config
-    from da3.train import TrainConfig, evaluate, fit
+    from da3.train import TrainConfig, evaluate, fit_domain
 
     name = check_name(run["domain"])
     store = DomainStore(store_dir)
@@ -219,12 +219,9 @@ def train_domain(
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     except OSError as err:
         raise Da3Error(f"{run_dir}: cannot write here ({err.strerror})") from None
-    result = fit(
+    result = fit_domain(
         domain.model,
-        data.train.images,
-        data.train.labels,
-        data.val.images,
-        data.val.labels,
+        data,
         model.preprocess,
         config,
         tc,

@@ -144,6 +144,28 @@ class FitResult:
     resumed_from: int | None = None
 
 
+def fit_domain(
+    model: AdaptedModel,
+    data,
+    preprocess: Preprocess,
+    method_config: MethodConfig,
+    config: TrainConfig,
+    **kwargs,
+) -> FitResult:
+    """:func:`fit` on the train and validation splits of a :class:`da3.data.DomainData`."""
+    return fit(
+        model,
+        data.train.images,
+        data.train.labels,
+        data.val.images,
+        data.val.labels,
+        preprocess,
+        method_config,
+        config,
+        **kwargs,
+    )
+
+
 def _lr_lambda(total_steps: int):
     return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
