@@ -20,23 +20,6 @@ DEMO_EPOCHS = 4
 DEMO_IMAGE_SIZE = 64
 
 
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def run(args) -> int:
     import torch.nn.functional as F
 
@@ -44,7 +27,7 @@ def run(args) -> int:
     from da3.commands import _table, train_domain
     from da3.data import load_domain
     from da3.domains import DomainStore, MultiDomainModel
-    from da3.memory import saved_activation_bytes
+    from da3.memory import process_memory_bytes, reset_peak_memory, saved_activation_bytes
     from da3.methods import parse_config
     from da3.profile import machine_description
 
@@ -80,8 +63,8 @@ def run(args) -> int:
             exclude=model.frozen.stock,
         )
         del probe, d
-        exact_peak = _reset_peak()
-        rss0 = _status("VmRSS")
+        exact_peak = reset_peak_memory()
+        rss0 = process_memory_bytes("VmRSS")
         run = {
             "domain": name,
             "data": name,
@@ -98,7 +81,7 @@ def run(args) -> int:
         info = train_domain(
             run, method_values, store.root, overwrite=True, progress=progress, model=model
         )
-        peak = _status("VmHWM") - rss0 if exact_peak else None
+        peak = process_memory_bytes("VmHWM") - rss0 if exact_peak else None
         m = info["metrics"]
         rows.append(
             {

@@ -10,6 +10,27 @@ from torch import nn
 from da3.lean.ops import LeanMaxPool2d, LeanReLU, packed_mask_bytes
 
 
+def process_memory_bytes(field: str = "VmRSS") -> int:
+    """A field of ``/proc/self/status`` in bytes: ``VmRSS`` (resident now) or ``VmHWM`` (its
+    peak). Raises OSError where the file or field does not exist (not Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_memory() -> bool:
+    """Reset this process's peak resident size (VmHWM) to its current size; False where the
+    kernel does not offer it (then VmHWM keeps the peak since the process started)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def saved_activation_bytes(
     model: nn.Module, step: Callable[[], torch.Tensor], exclude: nn.Module | None = None
 ) -> int:

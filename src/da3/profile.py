@@ -32,7 +32,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from da3.backbones import create_backbone
 from da3.errors import Da3Error
-from da3.memory import analytical_floor_bytes, saved_activation_bytes
+from da3.memory import (
+    analytical_floor_bytes,
+    process_memory_bytes,
+    reset_peak_memory,
+    saved_activation_bytes,
+)
 from da3.methods import AdaptedModel, FrozenBackbone, build_model, make_config
 from da3.train import make_optimizer, train_step
 
@@ -73,14 +78,6 @@ def inference_flops(model: AdaptedModel, image_size: int, device: str) -> int:
     return int(counter.get_total_flops())
 
 
-def _read_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(field)
-
-
 def measure_peak_in_this_process(
     backbone: str,
     method: str,
@@ -118,23 +115,20 @@ def measure_peak_in_this_process(
             "peak": torch.cuda.max_memory_allocated() - baseline,
             "how": "torch.cuda.max_memory_allocated",
         }
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak resident set size to the current one
-        baseline = _read_status_kib("VmRSS")
+    if reset_peak_memory():
+        baseline = process_memory_bytes("VmRSS")
         train_step(model, optimizer, x, y)
         return {
             "baseline": baseline,
-            "peak": _read_status_kib("VmHWM") - baseline,
+            "peak": process_memory_bytes("VmHWM") - baseline,
             "how": "VmHWM after clear_refs",
         }
-    except OSError:
-        import resource
+    import resource  # no resettable peak here: the peak since the process started
 
-        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        train_step(model, optimizer, x, y)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {"baseline": baseline, "peak": peak - baseline, "how": "ru_maxrss"}
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    train_step(model, optimizer, x, y)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"baseline": baseline, "peak": peak - baseline, "how": "ru_maxrss"}
 
 
 def measure_peak_in_fresh_process(
@@ -304,7 +298,6 @@ def format_table(rows: list[dict]) -> str:
 
 def _worker(spec_json: str) -> None:
     spec = json.loads(spec_json)
-    torch.set_num_threads(torch.get_num_threads())
     result = measure_peak_in_this_process(
         spec["backbone"],
         spec["method"],

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from da3.backbones.base import Preprocess
 from da3.errors import Da3Error
 from da3.io import read_json, read_tensors, write_json, write_tensors
+from da3.memory import process_memory_bytes
 from da3.methods.base import AdaptedModel, MethodConfig
 
 
@@ -102,13 +103,9 @@ def memory_in_use(device: str) -> int:
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
+        return process_memory_bytes("VmRSS")
     except OSError:
-        pass
-    return 0
+        return 0
 
 
 # ---------------------------------------------------------------------------------------

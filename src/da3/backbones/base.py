@@ -136,17 +136,3 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.forward_features(x))
-
-    def describe_blocks(self) -> list[dict]:
-        """The block view as plain data (for printing and for tests)."""
-        return [
-            {
-                "index": i,
-                "family": b.family,
-                "in_channels": b.in_channels,
-                "out_channels": b.out_channels,
-                "stride": b.stride,
-                "shortcut": b.shortcut_kind,
-            }
-            for i, b in self.iter_blocks()
-        ]

@@ -236,14 +236,6 @@ class DA3Model(AdaptedModel):
         executed = 1.0 - skipped  # fraction of the model's FLOPs, in expectation
         return self.config.gate_weight * F.relu(executed - self.config.gate_target) ** 2
 
-    def executed_fraction(self) -> float | None:
-        """Fraction of the model's FLOPs that the last forward executed (hard gates)."""
-        blocks = self.gated_blocks()
-        if not blocks or blocks[0].last_gate is None:
-            return None
-        skipped = sum(b.branch_flops * float((b.last_gate <= 0.5).float().mean()) for b in blocks)
-        return 1.0 - skipped
-
 
 def _probe(backbone: Backbone, image_size: int) -> torch.Tensor:
     """A zero image on the backbone's device, in its dtype."""
