@@ -16,53 +16,18 @@ run again. Writes benchmarks/results/<out>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import torch
 
 from common import RESULTS, header, run_info, save
 from da3.backbones import create_backbone
+from da3.bench.accuracy import train_one
 from da3.data import BENCHMARK_DOMAINS, load_domain
 from da3.io import read_json, write_tensors
-from da3.methods import FrozenBackbone, build_model, make_config
-from da3.train import TrainConfig, evaluate, fit_domain
+from da3.methods import FrozenBackbone
 
 STATES = RESULTS / ".states"  # trained domain tensors, reused by gating.py (git-ignored)
-
-
-def train_one(frozen, method, overrides, data, protocol) -> dict:
-    config = make_config(method, overrides)
-    tc = TrainConfig(
-        epochs=protocol["epochs"], batch_size=protocol["batch_size"], seed=protocol["seed"]
-    )
-    import torch
-
-    torch.manual_seed(protocol["seed"])
-    model = build_model(method, frozen, len(data.classes), config)
-    t0 = time.perf_counter()
-    result = fit_domain(
-        model,
-        data,
-        frozen.stock.preprocess,
-        config,
-        tc,
-        progress=False,
-    )
-    seconds = time.perf_counter() - t0
-    model.load_domain_state(result.best_state)
-    test = evaluate(model, data.test.images, data.test.labels, frozen.stock.preprocess)
-    state_bytes = sum(t.numel() * t.element_size() for t in model.domain_state().values())
-    return {
-        "test_accuracy": test["accuracy"],
-        "val_accuracy": result.best_val_accuracy,
-        "best_epoch": result.best_epoch,
-        "train_seconds": seconds,
-        "trainable_parameters": sum(p.numel() for p in model.trainable_parameters()),
-        "domain_state_bytes": state_bytes,
-        "config": dataclasses.asdict(config),
-        "history": result.history,
-    }, model
 
 
 def markdown(

@@ -15,42 +15,18 @@ Writes benchmarks/results/<out>.{json,md} and <out>.png.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from accuracy import train_one
 from common import RESULTS, header, run_info, save
 from da3.backbones import create_backbone
+from da3.bench.gating import batch1_latency, executed_flops_per_image, markdown_table, plot
 from da3.data import BENCHMARK_DOMAINS, load_domain
 from da3.io import read_json
 from da3.methods import FrozenBackbone, build_model, make_config
 from da3.train import TrainConfig, evaluate, fit_domain
-
-
-@torch.no_grad()
-def executed_flops_per_image(model, images, preprocess, batch_size=128) -> float:
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        for i in range(0, len(images), batch_size):
-            model(preprocess(images[i : i + batch_size]))
-    return counter.get_total_flops() / len(images)
-
-
-@torch.no_grad()
-def batch1_latency(model, images, preprocess, n: int) -> float:
-    model.eval()
-    times = []
-    for i in range(n + 3):
-        x = preprocess(images[i % len(images)][None])
-        t0 = time.perf_counter()
-        model(x)
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def ungated_da3(frozen, data, protocol, domain):
@@ -166,86 +142,14 @@ def main() -> None:
         plot(records, RESULTS / f"{args.out}.png")
 
 
-def summary(records: list[dict]) -> list[dict]:
-    """Per gate setting: mean accuracy and mean FLOPs fraction over the domains."""
-    out = []
-    domains = sorted({r["domain"] for r in records})
-    for t in dict.fromkeys(r["gate_target"] for r in records):
-        rs = [r for r in records if r["gate_target"] == t]
-        if len(rs) != len(domains):
-            continue
-        out.append(
-            {
-                "gate_target": t,
-                "mean_accuracy": statistics.mean(r["test_accuracy"] for r in rs),
-                "mean_flops_fraction": statistics.mean(r["flops_fraction"] for r in rs),
-                "mean_latency_s": statistics.mean(r["latency_s"] for r in rs),
-            }
-        )
-    return out
-
-
 def markdown(info, protocol, records) -> str:
-    lines = [
-        "| domain | gates (FLOP target) | test top-1 | FLOPs / image (M) | FLOPs kept | "
-        "batch-1 latency (ms) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in records:
-        t = "off" if r["gate_target"] is None else f"{r['gate_target']:.2f}"
-        lines.append(
-            f"| {r['domain']} | {t} | {r['test_accuracy']:.4f} | "
-            f"{r['flops_per_image'] / 1e6:.1f} | {r['flops_fraction']:.3f} | "
-            f"{r['latency_s'] * 1e3:.2f} |"
-        )
-    lines += [
-        "",
-        "Mean over the domains:",
-        "",
-        "| gates | mean test top-1 | mean FLOPs kept | mean batch-1 latency (ms) |",
-        "|---|---|---|---|",
-    ]
-    for s in summary(records):
-        t = "off" if s["gate_target"] is None else f"{s['gate_target']:.2f}"
-        lines.append(
-            f"| {t} | {s['mean_accuracy']:.4f} | {s['mean_flops_fraction']:.3f} | "
-            f"{s['mean_latency_s'] * 1e3:.2f} |"
-        )
     proto = ", ".join(f"{k}={v}" for k, v in protocol.items())
     return (
         header(info, "DA3 dynamic gating: FLOPs against accuracy")
         + f"Protocol: {proto}. See the docstring of benchmarks/gating.py.\n\n"
-        + "\n".join(lines)
-        + "\n\n![gating curve](gating.png)\n"
+        + markdown_table(records)
+        + "\n![gating curve](gating.png)\n"
     )
-
-
-def plot(records, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for d in sorted({r["domain"] for r in records}):
-        rs = sorted((r for r in records if r["domain"] == d), key=lambda r: r["flops_fraction"])
-        ax.plot([r["flops_fraction"] for r in rs], [r["test_accuracy"] for r in rs], "o-", label=d)
-    s = sorted(summary(records), key=lambda r: r["mean_flops_fraction"])
-    if s:
-        ax.plot(
-            [r["mean_flops_fraction"] for r in s],
-            [r["mean_accuracy"] for r in s],
-            "k*-",
-            ms=10,
-            label="mean",
-        )
-    ax.set_xlabel("inference FLOPs kept (executed graph, fraction of ungated)")
-    ax.set_ylabel("test top-1")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

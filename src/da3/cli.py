@@ -19,11 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # Imported here so that `da3 --help` stays fast and a broken area names itself.
     from da3 import commands as domain_commands
+    from da3.bench import cli as bench_cli
     from da3.data import cli as data_cli
 
     domain_commands.register(commands)
     data_cli.register(commands)
     _register_profile(commands)
+    bench_cli.register(commands)
     return parser
 
 

@@ -39,6 +39,10 @@ def write_json(path: Path, data: dict) -> None:
     _atomic(path, lambda f: f.write(text.encode()))
 
 
+def write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda f: f.write(text.encode()))
+
+
 def read_json(path: Path) -> dict:
     try:
         data = json.loads(Path(path).read_text())

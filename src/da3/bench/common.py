@@ -1,0 +1,73 @@
+"""What every benchmark result says about itself, and how it is written."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from da3 import __version__
+from da3.io import write_json, write_text
+
+
+def _git(where: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], capture_output=True, text=True, check=True, cwd=where
+    ).stdout.strip()
+
+
+def run_info(device: str = "cpu", where: Path | None = None) -> dict:
+    """Command, commit (``+dirty`` when code differs from it), date, machine, versions.
+
+    ``where`` is a folder inside the repository whose commit is meant (default: this
+    package's). Result files being written do not make the code dirty."""
+    from da3.profile import machine_description
+
+    where = Path(where) if where is not None else Path(__file__).parent
+    try:
+        commit = _git(where, "rev-parse", "--short", "HEAD")
+        top = Path(_git(where, "rev-parse", "--show-toplevel"))
+        dirty = bool(
+            _git(
+                top,
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                "src",
+                "benchmarks",
+                ":(exclude)benchmarks/results",
+            )
+        )
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", False
+    return {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "commit": commit + ("+dirty" if dirty else ""),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_description(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "da3": __version__,
+    }
+
+
+def header(info: dict, title: str) -> str:
+    return (
+        f"# {title}\n\n"
+        f"- command: `{info['command']}`\n- commit: {info['commit']}, da3 {info['da3']}, "
+        f"torch {info['torch']}, Python {info['python']}\n- machine: {info['machine']}\n"
+        f"- date: {info['date']}\n\n"
+    )
+
+
+def save(results: Path, name: str, payload: dict, markdown: str) -> None:
+    """``results/name.json`` (raw, atomic) and ``results/name.md`` (a readable table)."""
+    results.mkdir(parents=True, exist_ok=True)
+    write_json(results / f"{name}.json", payload)
+    write_text(results / f"{name}.md", markdown)
+    print(f"wrote {results / name}.json and .md", flush=True)

@@ -1,0 +1,154 @@
+"""``da3 bench``: the stages run, write raw results, a report with plots, and resume.
+
+A tiny preset (random resnet18, 32 px, one epoch, two small folder domains) exercises the
+real code paths; the figures themselves come from the real presets, run by hand.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from da3.bench import run as bench_run
+from da3.bench.report import BEGIN, END
+from da3.cli import main
+from da3.io import read_json
+
+COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+
+
+def make_domain(root, seed: int):
+    rng = np.random.default_rng(seed)
+    for name, colour in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            noise = rng.integers(-60, 60, (24, 24, 3))
+            pixels = np.clip(np.array(colour)[None, None] + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return str(root)
+
+
+TINY = {
+    "accuracy": {
+        "backbone": "resnet18",
+        "weights": "none",
+        "image_size": 32,
+        "epochs": 1,
+        "batch_size": 8,
+        "seed": 0,
+        "augment": True,
+    },
+    "seeds": [0],
+    "profiles": [{"backbone": "resnet18", "weights": "none", "image_size": 32, "batch_size": 8}],
+    "profile_steps": 1,
+    "gating": {"targets": [0.5], "gate_epochs": 1, "latency_images": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory, monkeypatch_module):
+    base = tmp_path_factory.mktemp("bench")
+    monkeypatch_module.setenv("DA3_CACHE_DIR", str(base / "cache"))
+    domains = [make_domain(base / "alpha", 0), make_domain(base / "beta", 1)]
+    results, report = base / "results", base / "docs" / "benchmark.md"
+    report.parent.mkdir()
+    report.write_text(f"# Bench\n\nintro kept\n\n{BEGIN}\nold\n{END}\n\n## Discussion\n\nmine\n")
+    bench_run.run_bench(
+        "quick",
+        TINY,
+        methods=["linear", "da3"],
+        domains=domains,
+        results=results,
+        report=report,
+    )
+    return base, domains, results, report
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_bench_writes_raw_results(bench):
+    _, domains, results, _ = bench
+    acc = read_json(results / "bench_quick_accuracy.json")
+    assert {(r["method"], r["domain"]) for r in acc["records"]} == {
+        (m, d) for m in ("linear", "da3") for d in domains
+    }
+    assert acc["protocol"]["epochs"] == 1 and acc["info"]["commit"]
+    assert all(0 <= r["test_accuracy"] <= 1 for r in acc["records"])
+    prof = read_json(results / "bench_quick_profile_resnet18_32px_b8.json")
+    assert [r["method"] for r in prof["rows"]] == ["linear", "da3"]
+    assert all(r["peak_memory_bytes"] > 0 for r in prof["rows"])
+    gating = read_json(results / "bench_quick_gating.json")
+    assert [r["gate_target"] for r in gating["records"]] == [None, 0.5] * 2
+    for png in ("accuracy_memory", "domains", "gating"):
+        assert (results / f"bench_quick_{png}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_report_has_the_tables_and_keeps_the_discussion(bench):
+    _, _, _, report = bench
+    text = report.read_text()
+    assert text.startswith("# Bench\n\nintro kept\n\n" + BEGIN)
+    assert text.endswith(END + "\n\n## Discussion\n\nmine\n")
+    assert "\nold\n" not in text
+    assert "| linear |" in text and "| da3 |" in text and "step ÷ da3" in text
+    assert "](../results/bench_quick_accuracy_memory.png)" in text
+    assert "### DA3 dynamic gating" in text
+
+
+def test_bench_resumes_without_redoing_anything(bench, monkeypatch):
+    _, domains, results, report = bench
+
+    def fail(*args, **kwargs):
+        raise AssertionError("work was redone")
+
+    monkeypatch.setattr(bench_run, "train_one", fail)
+    monkeypatch.setattr("da3.bench.accuracy.train_one", fail)
+    monkeypatch.setattr("da3.profile.profile_methods", fail)
+    monkeypatch.setattr("da3.bench.gating.fit_domain", fail)
+    before = (results / "bench_quick_accuracy.json").read_bytes()
+    bench_run.run_bench(
+        "quick", TINY, methods=["linear", "da3"], domains=domains, results=results, report=report
+    )
+    assert (results / "bench_quick_accuracy.json").read_bytes() == before
+
+
+def test_bench_changed_protocol_starts_over(bench, monkeypatch):
+    _, domains, results, report = bench
+    calls = []
+
+    def fake(frozen, method, overrides, data, protocol, **kw):
+        calls.append((method, protocol["epochs"]))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("da3.bench.accuracy.train_one", fake)
+    other = copy.deepcopy(TINY)
+    other["accuracy"]["epochs"] = 2
+    with pytest.raises(RuntimeError, match="stop here"):
+        bench_run.run_bench(
+            "quick", other, methods=["linear"], domains=domains, results=results, report=report
+        )
+    assert calls == [("linear", 2)]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "nope"], "unknown method 'nope'"),
+        (["--domains", "mars"], "unknown benchmark domain 'mars'"),
+        (["--stages", "acc"], "unknown stage 'acc'"),
+        (["--set", "da3.reduction"], "expected METHOD.key=value"),
+        (["--set", "da3.nokey=1"], "unknown config key 'nokey'"),
+        (["--set", "da3.reduction=x"], "expects int"),
+    ],
+)
+def test_bench_bad_arguments_fail_before_any_work(argv, message, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(bench_run, "run_bench", lambda *a, **k: pytest.fail("ran"))
+    code = main(["bench", "--results", str(tmp_path), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
