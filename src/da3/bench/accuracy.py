@@ -92,6 +92,12 @@ def run_accuracy(
         old = read_json(path)
         if old.get("protocol") == protocol:
             records = old["records"]
+    # A record counts as done only if the method's config is still the one it ran with (a
+    # changed default makes it stale).
+    configs = {m: dataclasses.asdict(make_config(m, protocol["overrides"].get(m))) for m in methods}
+    records = [
+        r for r in records if r["method"] not in configs or r["config"] == configs[r["method"]]
+    ]
     done = {(r["method"], r["domain"], r["seed"]) for r in records}
     todo = [(d, m, s) for d in domains for s in seeds for m in methods if (m, d, s) not in done]
     if not todo:
@@ -104,6 +110,7 @@ def run_accuracy(
             loaded[d] = load_domain(d, protocol["image_size"])
         data = loaded[d]
         print(f"[{i}/{len(todo)}] {m} on {d}, seed {s} ...", end=" ", flush=True)
+        t0 = time.perf_counter()
         rec, model = train_one(
             frozen,
             m,
@@ -116,6 +123,8 @@ def run_accuracy(
         )
         if m in keep_states:
             write_tensors(state_path(states, tag, m, d, s), model.domain_state())
+        # training + test evaluation + saving: what this record cost (summed in the report)
+        rec["wall_seconds"] = round(time.perf_counter() - t0, 1)
         records.append({"method": m, "domain": d, "seed": s, **rec})
         print(f"test top-1 {rec['test_accuracy']:.4f} ({rec['train_seconds']:.0f} s)", flush=True)
         if on_record:

@@ -186,13 +186,17 @@ def plot_domains(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _info_line(info: dict) -> str:
-    stages = ", ".join(f"{k} {v / 60:.1f} min" for k, v in info.get("stage_seconds", {}).items())
+def _info_line(info: dict, wall_seconds: float | None = None) -> str:
+    wall = f"; wall time {wall_seconds / 60:.1f} min" if wall_seconds else ""
     return (
         f"commit {info['commit']}, da3 {info['da3']}, torch {info['torch']}, Python "
-        f"{info['python']}; {info['machine']} ({info.get('device', 'cpu')}); {info['date']}"
-        + (f"; wall time: {stages}" if stages else "")
+        f"{info['python']}; {info['machine']} ({info.get('device', 'cpu')}); {info['date']}" + wall
     )
+
+
+def _wall(records: list[dict]) -> float:
+    """Seconds the records cost, summed (so a resumed run counts every part)."""
+    return sum(r.get("wall_seconds") or 0.0 for r in records)
 
 
 def _link(target: Path, report: Path) -> str:
@@ -218,7 +222,8 @@ def _section(tag: str, results: Path, report: Path) -> str | None:
         None,
     )
     out = [f"## {TAGS.get(tag, tag)}", ""]
-    out.append(f"- accuracy run: {_info_line(acc['info'])}")
+    walls = {"accuracy": _wall(records)}
+    out.append(f"- accuracy run: {_info_line(acc['info'], walls['accuracy'])}")
     out.append(
         f"- protocol: {proto['backbone']} ({proto['weights']}) frozen where the method says so; "
         f"{proto['image_size']} px; {proto['epochs']} epochs of batch {proto['batch_size']}; "
@@ -260,7 +265,8 @@ def _section(tag: str, results: Path, report: Path) -> str | None:
             f"### Training cost: {s['backbone']} ({s['weights']}), {s['image_size']} px, "
             f"batch {s['batch_size']}",
             "",
-            f"{_info_line(p['info'])}; median of {s['steps']} steps; "
+            f"{_info_line(p['info'], p['info']['stage_seconds']['profile'])}; median of "
+            f"{s['steps']} steps; "
             f"raw: `{_link(results / (p['name'] + '.json'), report)}`.",
             "",
             ratio_table(p),
@@ -269,17 +275,23 @@ def _section(tag: str, results: Path, report: Path) -> str | None:
     if gpath.is_file():
         g = read_json(gpath)
         gp = g["protocol"]
+        walls["gating"] = _wall(g["records"])
         out += [
             "### DA3 dynamic gating",
             "",
-            f"{_info_line(g['info'])}. Each FLOP target: gates on, started from the ungated "
-            f"domain, {gp['gate_epochs']} more epochs; FLOPs counted on the executed graph of "
-            f"the test split; batch-1 latency median over {gp['latency_images']} images.",
+            f"{_info_line(g['info'], walls['gating'])}. Each FLOP target: gates on, started "
+            f"from the ungated domain, {gp['gate_epochs']} more epochs; FLOPs counted on the "
+            f"executed graph of the test split; batch-1 latency median over "
+            f"{gp['latency_images']} images.",
             "",
             gating_mod.markdown_table(g["records"]),
             f"![gating curve]({_link(results / f'bench_{tag}_gating.png', report)})",
             "",
         ]
+    walls["profiles"] = sum(p["info"]["stage_seconds"]["profile"] for p in profs)
+    total = sum(walls.values())
+    parts = ", ".join(f"{k} {v / 60:.1f}" for k, v in walls.items())
+    out.insert(2, f"- whole run: {total / 60:.1f} min of wall time ({parts} min).")
     return "\n".join(out)
 
 
