@@ -113,7 +113,7 @@ def run_bench(
         raise Da3Error("--device cuda: no CUDA device is available")
     results, states = Path(results), Path(results) / ".states"
     protocol = {**preset["accuracy"], "overrides": overrides or {}, "device": device}
-    info = run_info(device, where=results if results.exists() else None)
+    info = run_info(device)
     info["threads"] = torch.get_num_threads()
     info["device"] = device
 
