@@ -506,7 +506,8 @@ def _fit(frozen, run_dir, *, resume=False, epochs=3, batch_size=8, fingerprint=N
 
 def _stable(history):
     return [
-        {k: v for k, v in h.items() if k not in ("seconds", "images_per_second")} for h in history
+        {k: v for k, v in h.items() if k not in ("seconds", "train_seconds", "images_per_second")}
+        for h in history
     ]
 
 

@@ -175,10 +175,11 @@ OWN_KEYS = {
     "bias": lambda k: k.endswith(".bias"),
     "da3": lambda k: ".adaptor." in k or ".gate." in k,
     "tinytl": lambda k: ".lite." in k or k.endswith(".bias"),
+    "udta": lambda k: k.startswith(("features.side.", "features.side_out.")),
     "finetune": lambda k: True,
 }
 # Methods whose new modules start at zero: before training they compute the lean backbone.
-STARTS_AS_LEAN = {"linear", "bias", "da3", "tinytl"}
+STARTS_AS_LEAN = {"linear", "bias", "da3", "tinytl", "udta"}
 
 
 def _own_key(method: str, key: str) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 from da3.errors import Da3Error
 
 DEFAULT_STORE = "da3-store"
-TRAIN_KEYS = ("epochs", "batch_size", "seed", "augment", "device")
+TRAIN_KEYS = ("epochs", "batch_size", "seed", "augment", "device", "cache_features", "cache_dtype")
 RUN_KEYS = ("domain", "data", "method", "backbone", "weights", "image_size") + TRAIN_KEYS
 
 
@@ -39,6 +39,14 @@ def register(commands) -> None:
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--cache-features",
+        action="store_const",
+        const=True,
+        dest="cache_features",
+        help="compute the frozen backbone features once and reuse them each epoch (udta, "
+        "linear; needs augment=false)",
+    )
     p.add_argument("--config", type=Path, help="YAML file of settings")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing domain")
@@ -154,10 +162,12 @@ def resolve_settings(args) -> tuple[dict, dict]:
             raise Da3Error(f"setting {key!r} expects an integer, got {run[key]!r}") from None
         if run[key] < (0 if key == "seed" else 1):
             raise Da3Error(f"setting {key!r} must be positive, got {run[key]}")
-    augment = str(run["augment"]).lower()
-    if augment not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        raise Da3Error(f"setting 'augment' expects true or false, got {run['augment']!r}")
-    run["augment"] = augment in ("1", "true", "yes", "on")
+    for key in ("augment", "cache_features"):
+        text = str(run[key]).lower()
+        if text not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise Da3Error(f"setting {key!r} expects true or false, got {run[key]!r}")
+        run[key] = text in ("1", "true", "yes", "on")
+    TrainConfig(**{k: run[k] for k in TRAIN_KEYS})  # checks that need no data (cache vs augment)
     check_device(run["device"])
     # A folder given relative to here is recorded absolute, so `eval` works from anywhere.
     from da3.data import BENCHMARK_DOMAINS
@@ -202,6 +212,7 @@ def train_domain(
     if store.exists(name) and not (overwrite or resume):
         raise Da3Error(f"domain {name!r} exists in {store.root}; use --overwrite to replace it")
     config = parse_config(run["method"], method_values)
+    tc = TrainConfig(**{k: run[k] for k in TRAIN_KEYS if k in run})
     data = load_domain(run["data"], run["image_size"], progress=progress)
     if model is None:
         model = MultiDomainModel(create_backbone(run["backbone"], run["weights"]), run["device"])
@@ -212,7 +223,6 @@ def train_domain(
     )
     domain.source = run["data"]
     run_dir = store.root / "runs" / name
-    tc = TrainConfig(**{k: run[k] for k in TRAIN_KEYS})
     resolved = {**run, "config": dataclasses.asdict(config)}
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -248,7 +258,7 @@ def train_domain(
         "train_seconds": result.seconds,
         "train_images": len(data.train.images),
     }
-    domain.train = {k: run[k] for k in TRAIN_KEYS} | {"data": run["data"]}
+    domain.train = {k: run[k] for k in TRAIN_KEYS if k in run} | {"data": run["data"]}
     from da3.io import write_json
 
     write_json(run_dir / "history.json", {"history": result.history, "metrics": domain.metrics})

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from da3.backbones.base import Preprocess
 from da3.errors import Da3Error
+from da3.feature_cache import CACHE_DTYPES, FeatureCache
 from da3.io import read_json, read_tensors, write_json, write_tensors
 from da3.memory import process_memory_bytes
 from da3.methods.base import AdaptedModel, MethodConfig
@@ -34,6 +35,28 @@ class TrainConfig:
     augment: bool = field(default=True, metadata={"help": "random translations of +-1/12"})
     eval_batch_size: int = field(default=128, metadata={"help": "images per evaluation batch"})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    cache_features: bool = field(
+        default=False,
+        metadata={
+            "help": "compute the frozen backbone features of each image once and reuse them "
+            "(methods whose backbone part is frozen: udta, linear; needs augment=false)"
+        },
+    )
+    cache_dtype: str = field(
+        default="float32",
+        metadata={"help": "storage of cached features: float32 (exact) or float16 (half)"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise Da3Error(
+                f"cache_dtype={self.cache_dtype!r}: choose from {', '.join(CACHE_DTYPES)}"
+            )
+        if self.cache_features and self.augment:
+            raise Da3Error(
+                "cache_features=true needs augment=false: augmented images change every "
+                "epoch, so their features cannot be reused"
+            )
 
 
 def make_optimizer(model: AdaptedModel, config: MethodConfig) -> torch.optim.Optimizer:
@@ -51,10 +74,16 @@ def make_optimizer(model: AdaptedModel, config: MethodConfig) -> torch.optim.Opt
 
 
 def train_step(
-    model: AdaptedModel, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+    model: AdaptedModel,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor | None,
+    y: torch.Tensor,
+    *,
+    taps: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, backward, optimizer step on one batch; returns (loss, logits), detached."""
-    logits = model(x)
+    """Forward, backward, optimizer step on one batch; returns (loss, logits), detached.
+    Given ``taps`` (the frozen ``model.features.taps(x)``, e.g. cached), ``x`` is not used."""
+    logits = model(x) if taps is None else model.forward_taps(taps)
     loss = F.cross_entropy(logits, y)
     aux = model.auxiliary_loss()
     total = loss if aux is None else loss + aux
@@ -82,15 +111,24 @@ def evaluate(
     preprocess: Preprocess,
     batch_size: int = 128,
     device: str = "cpu",
+    cache: FeatureCache | None = None,
 ) -> dict:
-    """Top-1 accuracy and mean loss of ``model`` on uint8 ``images``."""
+    """Top-1 accuracy and mean loss of ``model`` on uint8 ``images`` (with ``cache``: the
+    frozen taps of ``images``, reused where already computed)."""
     was_training = model.training
     model.eval()
     correct, loss_sum = 0, 0.0
     for i in range(0, len(images), batch_size):
-        x = preprocess(images[i : i + batch_size].to(device))
         y = labels[i : i + batch_size].to(device)
-        logits = model(x)
+        if cache is None:
+            logits = model(preprocess(images[i : i + batch_size].to(device)))
+        else:
+            idx = torch.arange(i, min(i + batch_size, len(images)))
+            taps = cache.get(
+                idx,
+                lambda i=i: model.features.taps(preprocess(images[i : i + batch_size].to(device))),
+            )
+            logits = model.forward_taps(taps)
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
     model.train(was_training)
@@ -139,6 +177,7 @@ class FitResult:
     best_state: dict[str, torch.Tensor]
     seconds: float
     resumed_from: int | None = None
+    cache_bytes: int = 0  # cached features of the train and validation images
 
 
 def fit_domain(
@@ -186,6 +225,11 @@ def fit(
     With ``run_dir`` a checkpoint (``checkpoint.safetensors`` + ``checkpoint.json``) is
     written after each epoch; ``resume=True`` continues from it. ``fingerprint`` is any
     JSON that must match for a resume to be allowed (method, config, data, backbone).
+
+    ``config.cache_features``: the frozen taps of the train and validation images are computed
+    in the first epoch and reused after (see :mod:`da3.feature_cache`); each epoch's record
+    gives the cache's size (``cache_bytes``) and the training pass's own time
+    (``train_seconds``, validation excluded).
     """
     from tqdm import tqdm
 
@@ -196,6 +240,16 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(max(1, steps_per_epoch * config.epochs))
     )
+    train_cache = val_cache = None
+    if config.cache_features:
+        if not model.cacheable:
+            raise Da3Error(
+                f"cache_features=true: method {model.method!r} cannot cache features (its "
+                "trainable state changes what the backbone computes); methods that can: "
+                "udta, linear"
+            )
+        train_cache = FeatureCache(len(train_images), config.cache_dtype)
+        val_cache = FeatureCache(len(val_images), config.cache_dtype)
     history: list[dict] = []
     best = {"epoch": -1, "accuracy": -1.0, "state": {}}
     start_epoch, resumed_from, elapsed = 0, None, 0.0
@@ -242,11 +296,18 @@ def fit(
         )
         for step in bar:
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            x = preprocess(train_images[idx].to(device))
             y = train_labels[idx].to(device)
-            if config.augment:
-                x = augment_batch(x, g)
-            loss, logits = train_step(model, optimizer, x, y)
+            if train_cache is None:
+                x = preprocess(train_images[idx].to(device))
+                if config.augment:
+                    x = augment_batch(x, g)
+                loss, logits = train_step(model, optimizer, x, y)
+            else:
+                taps = train_cache.get(
+                    idx,
+                    lambda idx=idx: model.features.taps(preprocess(train_images[idx].to(device))),
+                )
+                loss, logits = train_step(model, optimizer, None, y, taps=taps)
             if not torch.isfinite(loss):
                 kept = (
                     f"; {ckpt_t} keeps epoch {history[-1]['epoch']}" if ckpt_t and history else ""
@@ -260,14 +321,21 @@ def fit(
             correct += int((logits.argmax(1) == y).sum())
             loss_sum += float(loss) * len(y)
             dt = time.perf_counter() - t0
-            bar.set_postfix(
-                loss=f"{loss_sum / seen:.3f}",
-                acc=f"{correct / seen:.3f}",
-                img_s=f"{seen / dt:.0f}",
-                mem=f"{memory_in_use(device) / 2**20:.0f}MiB",
-            )
-        val = evaluate(model, val_images, val_labels, preprocess, config.eval_batch_size, device)
+            postfix = {
+                "loss": f"{loss_sum / seen:.3f}",
+                "acc": f"{correct / seen:.3f}",
+                "img_s": f"{seen / dt:.0f}",
+                "mem": f"{memory_in_use(device) / 2**20:.0f}MiB",
+            }
+            if train_cache is not None:
+                postfix["cache"] = f"{train_cache.nbytes / 2**20:.0f}MiB"
+            bar.set_postfix(postfix)
+        train_seconds = time.perf_counter() - t0
+        val = evaluate(
+            model, val_images, val_labels, preprocess, config.eval_batch_size, device, val_cache
+        )
         seconds = time.perf_counter() - t0
+        cache_bytes = sum(c.nbytes for c in (train_cache, val_cache) if c is not None)
         elapsed += seconds
         record = {
             "epoch": epoch + 1,
@@ -276,7 +344,9 @@ def fit(
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
             "seconds": seconds,
+            "train_seconds": train_seconds,
             "images_per_second": seen / seconds,
+            "cache_bytes": cache_bytes,
         }
         history.append(record)
         if progress:
@@ -308,4 +378,7 @@ def fit(
                     "seconds": elapsed,
                 },
             )
-    return FitResult(history, best["epoch"], best["accuracy"], best["state"], elapsed, resumed_from)
+    cache_bytes = sum(c.nbytes for c in (train_cache, val_cache) if c is not None)
+    return FitResult(
+        history, best["epoch"], best["accuracy"], best["state"], elapsed, resumed_from, cache_bytes
+    )

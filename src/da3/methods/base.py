@@ -43,6 +43,35 @@ class FrozenBackbone:
         return self.stock.feature_dim
 
 
+class CacheableFeatures(nn.Module):
+    """Features in two parts: :meth:`taps`, computed by the frozen backbone alone and without
+    gradient (so, for a given image, the same whatever the domain's state), and
+    :meth:`from_taps`, the domain's trainable part. Training may compute the taps of each
+    image once and reuse them in later epochs (``TrainConfig.cache_features``).
+
+    The frozen backbone is held in eval mode whatever the model's mode: its output must not
+    depend on anything but the input.
+    """
+
+    backbone: Backbone
+
+    def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen backbone's outputs the trainable part reads (no graph is built)."""
+        raise NotImplementedError
+
+    def from_taps(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        """N x ``feature_dim`` features from the taps."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.from_taps(self.taps(x))
+
+    def train(self, mode: bool = True) -> CacheableFeatures:
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+
 def _storage_ptrs(module: nn.Module) -> set[int]:
     tensors = list(module.parameters()) + list(module.buffers())
     return {t.untyped_storage().data_ptr() for t in tensors}
@@ -67,6 +96,16 @@ class AdaptedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether the backbone's part of the features is frozen and input-only (see
+        :class:`CacheableFeatures`), so it can be cached across epochs."""
+        return isinstance(self.features, CacheableFeatures)
+
+    def forward_taps(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        """Logits from (cached) taps: ``forward(x)`` given ``features.taps(x)``."""
+        return self.head(self.features.from_taps(taps))
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """A method's extra training loss from the last forward (e.g. a compute budget)."""
