@@ -86,6 +86,7 @@ def test_bench_writes_raw_results(bench):
     assert all(r["peak_memory_bytes"] > 0 for r in prof["rows"])
     gating = read_json(results / "bench_quick_gating.json")
     assert [r["gate_target"] for r in gating["records"]] == [None, 0.5] * 2
+    assert "| da3 |" in (results / "bench_quick_methods.md").read_text()
     for png in ("accuracy_memory", "domains", "gating"):
         assert (results / f"bench_quick_{png}.png").read_bytes()[:4] == b"\x89PNG"
 

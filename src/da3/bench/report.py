@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 
 from da3.bench import gating as gating_mod
+from da3.bench.common import header
 from da3.io import read_json, write_text
 
 BEGIN = "<!-- da3 bench: generated from benchmarks/results; edit outside these markers -->"
@@ -31,7 +32,12 @@ def _mean_by(records: list[dict]) -> dict[tuple[str, str], list[float]]:
 
 
 def _methods(records: list[dict]) -> list[str]:
-    return list(dict.fromkeys(r["method"] for r in records))
+    """The methods of ``records`` in registry order (the reference methods first)."""
+    from da3.methods import list_methods
+
+    order = {m: i for i, m in enumerate(list_methods())}
+    found = dict.fromkeys(r["method"] for r in records)
+    return sorted(found, key=lambda m: order.get(m, len(order)))
 
 
 def _domains(records: list[dict]) -> list[str]:
@@ -248,8 +254,17 @@ def _section(tag: str, results: Path, report: Path) -> str | None:
             f"methods interleaved): bytes kept for backward, peak memory of the step in a "
             f"fresh process, step time. Domain file: the tensors one domain stores."
         )
-    out += ["", methods_table(records, own)]
-    out += ["### Per domain", "", accuracy_table(records)]
+    tables = [methods_table(records, own), "### Per domain", "", accuracy_table(records)]
+    # the same tables as a results file of their own (one table of every method)
+    intro = [line for line in out[2:] if line.startswith("- ") or line.startswith("Accuracy:")]
+    write_text(
+        results / f"bench_{tag}_methods.md",
+        header(acc["info"], f"Every method side by side ({TAGS.get(tag, tag)})")
+        + "\n".join(intro)
+        + "\n\n"
+        + "\n".join(tables),
+    )
+    out += ["", *tables]
     plots = []
     if own:
         png = results / f"bench_{tag}_accuracy_memory.png"
