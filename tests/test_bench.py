@@ -153,3 +153,16 @@ def test_bench_bad_arguments_fail_before_any_work(argv, message, capsys, monkeyp
     code = main(["bench", "--results", str(tmp_path), *argv])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_report_appends_to_a_page_without_markers(bench, tmp_path):
+    from da3.bench.report import write_report
+
+    _, _, results, _ = bench
+    page = tmp_path / "b.md"
+    page.write_text("# Mine\n\nhow to run it\n")
+    write_report(page, results)
+    text = page.read_text()
+    assert text.startswith("# Mine\n\nhow to run it\n\n" + BEGIN) and text.endswith(END + "\n")
+    write_report(page, results)  # again: the generated part is replaced, not repeated
+    assert page.read_text() == text

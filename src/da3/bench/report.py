@@ -321,5 +321,7 @@ def write_report(report: Path, results: Path) -> None:
         if BEGIN in text and END in text:
             before = text[: text.index(BEGIN)]
             after = text[text.index(END) + len(END) :]
+        else:  # a hand-written page without a generated part yet: append it
+            before = text.rstrip("\n") + "\n\n"
     write_text(report, before + body + after)
     print(f"wrote {report}", flush=True)
