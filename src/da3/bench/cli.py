@@ -29,7 +29,7 @@ def register(commands) -> None:
         dest="preset",
         action="store_const",
         const="quick",
-        help="efficientnet_lite0, 64 px, 5 epochs, 1 seed: under an hour on a 2-core CPU "
+        help="efficientnet_lite0, 64 px, 3 epochs, 1 seed: under an hour on a 2-core CPU "
         "(the default)",
     )
     size.add_argument(
