@@ -176,10 +176,22 @@ OWN_KEYS = {
     "da3": lambda k: ".adaptor." in k or ".gate." in k,
     "tinytl": lambda k: ".lite." in k or k.endswith(".bias"),
     "udta": lambda k: k.startswith(("features.side.", "features.side_out.")),
+    "piggyback": lambda k: k.endswith(".mask"),
+    "series_adapter": lambda k: ".dbn." in k or ".adapter." in k,
+    "parallel_adapter": lambda k: ".dbn." in k or ".adapter." in k,
     "finetune": lambda k: True,
 }
 # Methods whose new modules start at zero: before training they compute the lean backbone.
-STARTS_AS_LEAN = {"linear", "bias", "da3", "tinytl", "udta"}
+STARTS_AS_LEAN = {
+    "linear",
+    "bias",
+    "da3",
+    "tinytl",
+    "udta",
+    "piggyback",
+    "series_adapter",
+    "parallel_adapter",
+}
 
 
 def _own_key(method: str, key: str) -> bool:
@@ -218,8 +230,11 @@ def test_method_trains_only_its_own_tensors(method, backbone, tmp_path):
     shared = frozen_storages(frozen)
     assert not any(v.untyped_storage().data_ptr() in shared for v in state.values())
     assert all(_own_key(method, k) for k in state), sorted(state)[:5]
+    # (training_state: what the domain trains, where it stores a reduced form of it, as
+    # piggyback stores mask bits for its scores; the reload below checks that form)
+    trained = model.training_state()
     trainable = {id(p) for p in model.trainable_parameters()}
-    own_params = {id(p) for k, p in model.named_parameters() if k in state}
+    own_params = {id(p) for k, p in model.named_parameters() if k in trained}
     assert trainable <= own_params, "a trainable parameter is not part of the domain state"
     head = frozen.feature_dim * CLASSES + CLASSES
     total = sum(v.numel() for v in state.values())
@@ -242,12 +257,12 @@ def test_method_trains_only_its_own_tensors(method, backbone, tmp_path):
 
     # One training step.
     before_frozen = frozen_tensors(frozen)
-    before_own = {k: v.detach().clone() for k, v in state.items()}
+    before_own = {k: v.detach().clone() for k, v in trained.items()}
     model.train()
     optimizer = make_optimizer(model, config)
     loss, logits = train_step(model, optimizer, x, y)
     assert torch.isfinite(loss) and logits.shape == (BATCH, CLASSES)
-    after_own = model.domain_state()
+    after_own = model.training_state()
     changed = {k for k in before_own if not torch.equal(before_own[k], after_own[k])}
     assert any(k.startswith("head.") for k in changed)
     if method != "linear":

@@ -68,9 +68,10 @@ def analytical_floor_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """What the lean engine must keep at least, from the architecture (TinyTL-style count).
 
     On the gradient path (where the input of a layer requires grad): one bit per ReLU
-    element, one byte per max-pool output; for every module with a trainable weight, its
-    input in full precision (a weight gradient needs it). Modules may declare their own
-    need with a method ``floor_saved_bytes(inputs, output) -> int``.
+    element, one byte per max-pool output; for every module with a trainable weight (or a
+    ``grad_needs_input`` attribute), its input in full precision (a weight gradient needs
+    it). Modules may declare their own need with a method
+    ``floor_saved_bytes(inputs, output) -> int``.
     """
     total = 0
     counted: set[int] = set()  # an input feeding two layers (block input) is kept once
@@ -89,6 +90,8 @@ def analytical_floor_bytes(model: nn.Module, x: torch.Tensor) -> int:
         else:
             weight = getattr(m, "weight", None)
             trains = isinstance(weight, nn.Parameter) and weight.requires_grad
+            # a layer whose own trainable tensor is not ``weight`` (piggyback's mask scores)
+            trains = trains or getattr(m, "grad_needs_input", False)
             if trains and x0 is not None and x0.untyped_storage().data_ptr() not in counted:
                 counted.add(x0.untyped_storage().data_ptr())
                 total += x0.numel() * x0.element_size()

@@ -268,7 +268,7 @@ def fit(
         if meta.get("identity") != identity:
             raise Da3Error(f"{ckpt_j}: checkpoint is from a different run (config or data)")
         tensors = read_tensors(ckpt_t)
-        model.load_domain_state(
+        model.load_training_state(
             {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         )
         _load_optimizer(optimizer, tensors, meta["optimizer"])
@@ -362,7 +362,7 @@ def fit(
             }
         if run_dir is not None:
             opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-            tensors = {f"model.{k}": v for k, v in model.domain_state().items()}
+            tensors = {f"model.{k}": v for k, v in model.training_state().items()}
             tensors |= {f"best.{k}": v for k, v in best["state"].items()} | opt_tensors
             write_tensors(ckpt_t, tensors)
             write_json(

@@ -1,6 +1,15 @@
 """Adaptation methods, created by name. A new method is one module plus one import here."""
 
-from da3.methods import bias, da3, finetune, linear, tinytl, udta  # noqa: F401  (registers them)
+from da3.methods import (  # noqa: F401  (registers them)
+    adapters,
+    bias,
+    da3,
+    finetune,
+    linear,
+    piggyback,
+    tinytl,
+    udta,
+)
 from da3.methods.base import (
     AdaptedModel,
     FrozenBackbone,

@@ -144,6 +144,15 @@ class AdaptedModel(nn.Module):
             t.copy_(state[k])
         return missing
 
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """What a training checkpoint holds to resume exactly: the domain state, unless the
+        method stores a reduced form of what it trains (piggyback: mask bits, not scores)."""
+        return self.domain_state()
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`training_state`."""
+        self.load_domain_state(state)
+
 
 def new_head(feature_dim: int, num_classes: int) -> nn.Linear:
     return nn.Linear(feature_dim, num_classes)
