@@ -21,9 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     from da3 import commands as domain_commands
     from da3.bench import cli as bench_cli
     from da3.data import cli as data_cli
+    from da3.export import cli as export_cli
 
     domain_commands.register(commands)
     data_cli.register(commands)
+    export_cli.register(commands)
     _register_profile(commands)
     bench_cli.register(commands)
     return parser

@@ -187,15 +187,22 @@ class DA3Block(nn.Module):
         ``min_size`` a side (and never more than the output itself)."""
         return tuple(min(s, max(self.min_size, -(-s // self.reduction))) for s in out_hw)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def side(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The adaptor's output ``A`` and the soft gates ``g`` (``None`` without a gate), both
+        from the pooled input; everything of the block but its frozen branch and shortcut
+        (da3.export rebuilds the block around it)."""
         out_hw = self._out_hw(x)
         z = lean_adaptive_avg_pool2d(x, self.adaptor_size(out_hw))
         a = self.adaptor(z, out_hw)
+        g = None if self.gate is None else torch.sigmoid(self.gate(z.mean((2, 3)))).squeeze(1)
+        return a, g
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, g = self.side(x)
         s = self.block.forward_shortcut(x)
-        if self.gate is None:
+        if g is None:
             y = self.block.branch(x)
         else:
-            g = torch.sigmoid(self.gate(z.mean((2, 3)))).squeeze(1)
             self.last_gate = g
             if self.training:
                 y = _GateFn.apply(self.block.branch(x), g)

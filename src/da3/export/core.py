@@ -1,0 +1,524 @@
+"""One domain as one deployable graph: frozen backbone + the domain's modules + head.
+
+The exported graph takes a normalised float batch ``N x 3 x S x S`` (``(pixel / 255 - mean) /
+std``, RGB, S the domain's image size) and returns ``N x classes`` logits. It runs without da3:
+an ONNX file needs only onnxruntime, a TorchScript file only torch.
+
+What is folded: the lean backbone already has every batch norm folded into its convolution and
+trained biases live in the convolution bias; a backbone still made of stock modules (``finetune``)
+is converted to the lean form first; what remains constant (a product of two weights, ...) is
+folded by the ONNX optimiser or ``torch.jit.freeze``. Input-dependent branches (DA3's adaptor,
+TinyTL's lite residual) are exported as they are.
+
+DA3's gates (``gates="dynamic"``): each gated block becomes a conditional, an ONNX ``If`` node
+(from ``torch.cond``) or a TorchScript ``if``, whose true branch runs the frozen branch. At batch
+1 a closed gate skips it, as in PyTorch; in a batch it runs when any sample's gate is open and is
+multiplied by the per-sample decision (PyTorch runs it on the open samples only: the same
+values). ``gates="static"``: the frozen branch always runs, times the decision (same logits, no
+control flow, no saving).
+
+Every export checks itself before the file is in place: the written file is run (onnxruntime /
+``torch.jit.load``) on the given samples, one at a time and as one batch, and its logits must be
+within ``TOLERANCE`` of PyTorch's with the same top-1; otherwise nothing is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from da3 import __version__
+from da3.backbones import Backbone
+from da3.errors import Da3Error
+from da3.io import write_json
+from da3.methods import AdaptedModel
+from da3.methods.da3 import DA3Block
+
+FORMATS = ("onnx", "torchscript")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+GATE_MODES = ("dynamic", "static")
+TOLERANCE = 1e-4
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+EXPORT_FORMAT = "da3-export"
+# Inside a TorchScript file, the metadata (the same as the sidecar's) is this extra file.
+TS_METADATA = "da3.json"
+FOLD_LIMIT = 1 << 28  # elements: fold every constant expression of the weights
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise Da3Error(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    return fmt
+
+
+def gated_blocks(model: nn.Module) -> list[DA3Block]:
+    return [m for m in model.modules() if isinstance(m, DA3Block) and m.gate is not None]
+
+
+# ---------------------------------------------------------------------------------------
+# the inference graph
+
+
+class _Side(nn.Module):
+    """A gated block's adaptor output and hard gate decision (1 open, 0 closed) per sample."""
+
+    def __init__(self, block: DA3Block) -> None:
+        super().__init__()
+        self.block = block  # only its adaptor and gate run here
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, g = self.block.side(x)
+        return a, (g > 0.5).to(x.dtype).view(-1, 1, 1, 1)
+
+
+class _StaticGatedBlock(nn.Module):
+    """``act(F(x) * open + x + A)``: the frozen branch always runs."""
+
+    def __init__(self, block: DA3Block) -> None:
+        super().__init__()
+        self.side, self.branch, self.act = _Side(block), block.block.branch, block.block.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, open_ = self.side(x)
+        # The order of PyTorch's sums ((F + shortcut) + A), so that the logits agree closely.
+        y = self.branch(x) * open_ + x
+        return self.act(y + a)
+
+
+class _CondGatedBlock(nn.Module):
+    """The same with ``torch.cond``: an ONNX ``If`` whose true branch is the frozen branch."""
+
+    def __init__(self, block: DA3Block, out_chw: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.side, self.branch, self.act = _Side(block), block.block.branch, block.block.act
+        self.out_chw = out_chw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, open_ = self.side(x)
+        y = torch.cond(open_.sum() > 0, self._run, self._skip, (x, open_))
+        return self.act(y + x + a)
+
+    def _run(self, x: torch.Tensor, open_: torch.Tensor) -> torch.Tensor:
+        return self.branch(x) * open_
+
+    def _skip(self, x: torch.Tensor, open_: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros((x.shape[0], *self.out_chw))
+
+
+class _ScriptGatedBlock(nn.Module):
+    """The same for TorchScript: scripted control flow around traced pieces."""
+
+    def __init__(self, side: nn.Module, branch: nn.Module, act: nn.Module, out_chw: list[int]):
+        super().__init__()
+        self.side, self.branch, self.act = side, branch, act
+        self.out_chw = out_chw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, open_ = self.side(x)
+        if bool(open_.sum() > 0):
+            y = self.branch(x) * open_
+        else:
+            y = x.new_zeros([x.shape[0]] + self.out_chw)
+        return self.act(y + x + a)
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _lean_backbones(model: nn.Module) -> None:
+    """Fold the batch norms of any backbone still made of stock modules (``finetune``)."""
+    from da3.lean import to_lean
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, Backbone) and any(isinstance(c, nn.BatchNorm2d) for c in m.modules()):
+            try:
+                lean = to_lean(m)
+            except (TypeError, ValueError):
+                continue  # a method's own module inside: export it unfolded
+            _set_module(model, name, lean)
+
+
+@torch.no_grad()
+def inference_module(model: AdaptedModel, fmt: str, gates: str, example: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` ready to export: eval mode, frozen, plain operations (the lean ops
+    fall back to them without gradient), gated blocks rebuilt for ``gates`` and ``fmt``.
+    ``example`` is one input batch (its size fixes the blocks' shapes)."""
+    check_format(fmt)
+    if gates not in GATE_MODES:
+        raise Da3Error(f"gates must be one of {', '.join(GATE_MODES)}, not {gates!r}")
+    # Tensors a forward with gradient left behind (DA3's last gates) cannot be deep-copied.
+    memo = {
+        id(v): v.detach()
+        for sub in model.modules()
+        for v in vars(sub).values()
+        if isinstance(v, torch.Tensor) and not v.is_leaf
+    }
+    m = copy.deepcopy(model, memo).eval().requires_grad_(False)
+    _lean_backbones(m)
+    # A method's module may offer an equivalent inference form (e.g. an adapter folded into
+    # the convolution it sits beside): ``fold_for_export() -> nn.Module``.
+    for name, sub in list(m.named_modules()):
+        fold = getattr(sub, "fold_for_export", None)
+        if name and callable(fold):
+            _set_module(m, name, fold())
+    names = [n for n, b in m.named_modules() if isinstance(b, DA3Block) and b.gate is not None]
+    if not names:
+        return m
+    inputs: dict[str, torch.Tensor] = {}  # each gated block's input, for its shapes
+    hooks = [
+        m.get_submodule(name).register_forward_pre_hook(
+            lambda mod, args, name=name: inputs.__setitem__(name, args[0])
+        )
+        for name in names
+    ]
+    try:
+        m(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    for name in names:
+        block: DA3Block = m.get_submodule(name)
+        if block.block.shortcut_kind != "identity":  # da3 gates no other block
+            raise Da3Error(f"gated block {name}: {block.block.shortcut_kind} shortcut")
+        x = inputs[name]
+        out_chw = tuple(block.block.branch(x).shape[1:])
+        if gates == "static":
+            new = _StaticGatedBlock(block)
+        elif fmt == "onnx":
+            new = _CondGatedBlock(block, out_chw)
+        else:
+            new = _script_gated(block, x, list(out_chw))
+        _set_module(m, name, new)
+    return m
+
+
+def _script_gated(block: DA3Block, x: torch.Tensor, out_chw: list[int]) -> nn.Module:
+    with _quiet():
+        side = torch.jit.trace(_Side(block), x, check_trace=False)
+        branch = torch.jit.trace(block.block.branch, x, check_trace=False)
+        act = torch.jit.trace(block.block.act, branch(x), check_trace=False)
+        return torch.jit.script(_ScriptGatedBlock(side, branch, act, out_chw))
+
+
+# ---------------------------------------------------------------------------------------
+# converting
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters' progress lines, warnings and failure dumps (whole graphs) would bury
+    the one-line result; a failure is reported as a Da3Error instead."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    sink = io.StringIO()
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(sink),
+            contextlib.redirect_stderr(sink),
+        ):
+            warnings.simplefilter("ignore")  # incl. torch.jit's deprecation in torch 2.14
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _onnx_bytes(module: nn.Module, example: torch.Tensor, metadata: dict) -> bytes:
+    import onnx
+    import onnxscript.optimizer
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with _quiet(), torch.no_grad():
+        # torch.export first: one way of capturing the graph (torch.onnx.export given a module
+        # falls back to several, each failing slowly, for a method that cannot be captured).
+        program = torch.export.export(
+            module, (example,), dynamic_shapes=({0: batch},), strict=False
+        )
+        program = torch.onnx.export(
+            program,
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            optimize=False,
+            verbose=False,
+        )
+        # The exporter's own optimisation, but folding constants of any size: a product of
+        # frozen tensors (a masked weight, ...) becomes one weight instead of two.
+        onnxscript.optimizer.optimize_ir(
+            program.model, input_size_limit=FOLD_LIMIT, output_size_limit=FOLD_LIMIT
+        )
+    proto = program.model_proto
+    for key, value in _flat_metadata(metadata).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.doc_string = f"da3 domain {metadata['domain']} ({metadata['method']})"
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def _flat_metadata(metadata: dict) -> dict[str, str]:
+    """ONNX metadata_props are strings: the main keys one by one, and all of it as JSON."""
+    inp = metadata["input"]
+    return {
+        "da3": json.dumps(metadata),
+        "domain": metadata["domain"],
+        "method": metadata["method"],
+        "classes": json.dumps(metadata["classes"]),
+        "image_size": str(inp["image_size"]),
+        "mean": json.dumps(inp["mean"]),
+        "std": json.dumps(inp["std"]),
+        "gates": metadata["gates"],
+        "backbone_fingerprint": metadata["backbone"].get("fingerprint", ""),
+    }
+
+
+def _torchscript_bytes(module: nn.Module, example: torch.Tensor, metadata: dict) -> bytes:
+    with _quiet(), torch.no_grad():
+        traced = torch.jit.trace(module, example, check_trace=False)
+        frozen = torch.jit.freeze(traced.eval())
+        buf = io.BytesIO()
+        torch.jit.save(frozen, buf, _extra_files={TS_METADATA: json.dumps(metadata)})
+    return buf.getvalue()
+
+
+def open_runner(path: str | Path, fmt: str, threads: int = 0) -> Callable:
+    """A function ``float tensor N x 3 x S x S -> logits tensor`` running the exported file
+    with its own runtime (onnxruntime, or ``torch.jit.load``); ``threads``: 0 = default."""
+    check_format(fmt)
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+        def run_onnx(x: torch.Tensor) -> torch.Tensor:
+            out = sess.run([OUTPUT_NAME], {INPUT_NAME: x.detach().cpu().numpy()})[0]
+            return torch.from_numpy(out)
+
+        run_onnx.session = sess
+        return run_onnx
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = torch.jit.load(str(path), map_location="cpu")
+
+    @torch.no_grad()
+    def run_ts(x: torch.Tensor) -> torch.Tensor:
+        return module(x)
+
+    run_ts.module = module
+    return run_ts
+
+
+# ---------------------------------------------------------------------------------------
+# checking and writing
+
+
+@dataclass
+class Comparison:
+    max_abs_diff: float
+    top1_agree: int
+    samples: int
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff < TOLERANCE and self.top1_agree == self.samples
+
+
+def _agree(ref: torch.Tensor, got: torch.Tensor) -> int:
+    """Samples with the same top-1 (a tie within the tolerance in PyTorch's logits counts)."""
+    top = ref.argmax(1)
+    same = got.argmax(1) == top
+    picked = ref.gather(1, got.argmax(1, keepdim=True)).squeeze(1)
+    tie = (ref.max(1).values - picked) < TOLERANCE
+    return int((same | tie).sum())
+
+
+@torch.no_grad()
+def compare(model: nn.Module, run: Callable, samples: torch.Tensor) -> Comparison:
+    """PyTorch ``model`` against the exported ``run``: each sample alone (where gates skip
+    branches) and all of them as one batch."""
+    model.eval()
+    worst, agree = 0.0, 0
+    for i in range(len(samples)):
+        ref, got = model(samples[i : i + 1]), run(samples[i : i + 1])
+        if got.shape != ref.shape:
+            return Comparison(float("inf"), 0, len(samples))
+        worst = max(worst, float((ref - got).abs().max()))
+        agree += _agree(ref, got)
+    ref, got = model(samples), run(samples)
+    if got.shape != ref.shape:
+        return Comparison(float("inf"), 0, len(samples))
+    worst = max(worst, float((ref - got).abs().max()))
+    agree = min(agree, _agree(ref, got))
+    return Comparison(worst, agree, len(samples))
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    sidecar: Path
+    format: str
+    gates: str
+    comparison: Comparison
+    seconds: float
+    bytes: int
+
+
+def sidecar_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def export_model(
+    model: AdaptedModel,
+    path: str | Path,
+    fmt: str,
+    samples: torch.Tensor,
+    metadata: dict,
+    gates: str = "dynamic",
+) -> ExportResult:
+    """Export ``model`` (a domain's network) to ``path`` as ``fmt``, verified on ``samples``
+    (normalised N x 3 x S x S, N >= 2), with ``metadata`` (see :func:`domain_metadata`) in the
+    file and in the JSON sidecar ``path + '.json'``. Raises :class:`Da3Error` naming the file
+    when the method cannot be exported or the exported file does not match PyTorch; then no
+    file is written and an existing one at ``path`` is left as it was."""
+    check_format(fmt)
+    path = Path(path)
+    if len(samples) < 2:
+        raise Da3Error("export: verification needs at least 2 sample images")
+    t0 = time.perf_counter()
+    model.eval()
+    has_gates = bool(gated_blocks(model))
+    mode = gates if has_gates else "none"
+    metadata = dict(metadata, gates=mode, export_format=fmt)
+    metadata["gated_blocks"] = len(gated_blocks(model))
+    example = samples[:2]
+    try:
+        module = inference_module(model, fmt, gates if has_gates else "static", example)
+        blob = (_onnx_bytes if fmt == "onnx" else _torchscript_bytes)(module, example, metadata)
+    except Da3Error:
+        raise
+    except Exception as err:  # noqa: BLE001 - any exporter failure: the method does not export
+        detail = " ".join(str(err).split())[:300] or type(err).__name__
+        raise Da3Error(
+            f"{path}: method {model.method!r} cannot be exported to {fmt} "
+            f"({type(err).__name__}: {detail})"
+        ) from None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise Da3Error(f"{path.parent}: cannot write here ({err.strerror})") from None
+    tmp = Path(tmp)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(path))
+        try:
+            cmp = compare(model, open_runner(tmp, fmt), samples)
+        except Exception as err:  # noqa: BLE001 - a file its runtime cannot run does not match
+            raise Da3Error(
+                f"{path}: the exported file does not run in "
+                f"{'onnxruntime' if fmt == 'onnx' else 'torch.jit'} ({type(err).__name__}: "
+                f"{' '.join(str(err).split())[:300]}); nothing written"
+            ) from None
+        if not cmp.ok:
+            raise Da3Error(
+                f"{path}: exported {fmt} does not match PyTorch (max abs diff on logits "
+                f"{cmp.max_abs_diff:.3g}, tolerance {TOLERANCE:g}; same top-1 on "
+                f"{cmp.top1_agree} of {cmp.samples} samples); nothing written"
+            )
+        metadata["verification"] = {
+            "samples": cmp.samples,
+            "max_abs_diff": cmp.max_abs_diff,
+            "tolerance": TOLERANCE,
+            "top1_agree": cmp.top1_agree,
+            "runtime": runtime_version(fmt),
+        }
+        sidecar = sidecar_path(path)
+        write_json(sidecar, metadata)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise Da3Error(f"{path}: cannot write ({err.strerror or err})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportResult(
+        path, sidecar, fmt, mode, cmp, time.perf_counter() - t0, path.stat().st_size
+    )
+
+
+def _file_mode(path: Path) -> int:
+    """The mode of the file being replaced, else what a plain ``open`` would give (a temporary
+    file is private to its owner; a deployed model need not be)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def runtime_version(fmt: str) -> str:
+    if fmt == "onnx":
+        import onnxruntime
+
+        return f"onnxruntime {onnxruntime.__version__}"
+    return f"torch.jit (torch {torch.__version__})"
+
+
+def domain_metadata(
+    domain: str,
+    method: str,
+    classes: list[str],
+    image_size: int,
+    preprocess: dict,
+    backbone: dict,
+    source: dict | None = None,
+) -> dict:
+    """What a deployment needs to feed the graph and read its output (the sidecar's body)."""
+    return {
+        "format": EXPORT_FORMAT,
+        "format_version": 1,
+        "domain": domain,
+        "method": method,
+        "classes": list(classes),
+        "input": {
+            "name": INPUT_NAME,
+            "shape": ["batch", 3, image_size, image_size],
+            "dtype": "float32",
+            "layout": "NCHW, RGB",
+            "image_size": image_size,
+            "mean": list(preprocess["mean"]),
+            "std": list(preprocess["std"]),
+            "normalise": "(pixel / 255 - mean) / std, per channel",
+            "resize": "short side to image_size (PIL bilinear), centre crop to a square",
+        },
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(classes)], "meaning": "logits"},
+        "backbone": dict(backbone),
+        "source": source or {},
+        "library_version": __version__,
+        "torch": torch.__version__,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
