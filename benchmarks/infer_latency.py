@@ -18,6 +18,7 @@ Writes benchmarks/results/<out>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import subprocess
 import sys
 import time
@@ -54,12 +55,13 @@ def markdown(info: dict, result: dict, domain: dict) -> str:
         size = "-" if r["file_bytes"] is None else f"{r['file_bytes'] / 2**20:.1f}"
         diff = "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"
         rows.append(
-            f"| {r['runtime']} ({r['version']}) | {r['gates']} | {r['median_ms']:.2f} | "
+            f"| {r['runtime']} | {r['gates']} | {r['median_ms']:.2f} | "
             f"{r['p10_ms']:.2f} | {r['p90_ms']:.2f} | {size} | {diff} |"
         )
     m = domain.get("metrics", {})
     return (
         header(info, "Batch-1 inference latency: PyTorch, TorchScript, onnxruntime")
+        + f"Runtimes: {', '.join(info['runtimes'])}.\n\n"
         + f"Domain `{result['domain']}`: {result['method']} on {result['backbone']}, "
         f"{result['image_size']} px, test top-1 {m.get('test_accuracy', float('nan')):.4f}; "
         f"{result['images']} test images one at a time after {result['warmup']} warm-up "
@@ -102,6 +104,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)  # the machine line records the threads used
     info = run_info()
     info["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    info["runtimes"] = [f"torch {torch.__version__}"] + [
+        f"{name} {importlib.metadata.version(name)}"
+        for name in ("onnxruntime", "onnx", "onnxscript")
+    ]
     domain = store.read_meta(args.domain)
     save(
         args.out, {"info": info, "domain": domain, "result": result}, markdown(info, result, domain)

@@ -218,6 +218,9 @@ def test_a_mismatch_writes_nothing_and_keeps_the_old_file(frozen, tmp_path, monk
     assert "nothing written" in msg and "\n" not in msg
     assert path.read_bytes() == b"the previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    r = export_model(model, path, fmt, samples(frozen), metadata(model, frozen), tolerance=1e-3)
+    assert 2e-4 <= r.comparison.max_abs_diff < 1e-3 and path.read_bytes() != b"the previous export"
+    assert json.loads(r.sidecar.read_text())["verification"]["tolerance"] == 1e-3
 
 
 def test_compare_counts_top1_and_difference(frozen):
@@ -495,6 +498,7 @@ def test_cli_export_refuses_bad_requests(env, tmp_path, capsys):
         (["--domain", "gated", "--format", "onnx", "--gates", "maybe"], ["--gates", "on or off"]),
         (["--domain", "plain", "--format", "onnx", "--gates", "on"], ["'plain' has no gates"]),
         (["--domain", "gated", "--format", "onnx", "--samples", "1"], ["--samples", "at least 2"]),
+        (["--domain", "gated", "--format", "onnx", "--tolerance", "0"], ["--tolerance"]),
         (["--domain", "gated", "--format", "onnx", "--out", tmp_path], ["is a folder"]),
     ]
     capsys.readouterr()

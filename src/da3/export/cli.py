@@ -53,6 +53,12 @@ def register(commands) -> None:
         type=Path,
         help="output file (default STORE/exports/NAME[.static].onnx or .pt)",
     )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest absolute difference of the logits accepted (default 1e-4)",
+    )
     p.set_defaults(run=run_export)
 
     p = commands.add_parser(
@@ -130,6 +136,8 @@ def run_export(args) -> int:
     DomainStore(args.store).require(args.domain)
     if args.gates is not None and args.gates not in ("on", "off"):
         raise Da3Error(f"--gates must be on or off, not {args.gates!r}")
+    if not 0 < args.tolerance < float("inf"):
+        raise Da3Error(f"--tolerance must be positive, got {args.tolerance}")
     if args.out is not None and args.out.is_dir():
         raise Da3Error(f"--out {args.out}: is a folder; give a file name")
 
@@ -142,7 +150,7 @@ def run_export(args) -> int:
     if out is None:
         tag = ".static" if args.gates == "off" else ""
         out = Path(args.store) / "exports" / f"{args.domain}{tag}{SUFFIX[fmt]}"
-    r = export_model(d.model, out, fmt, samples, metadata, gates=gates)
+    r = export_model(d.model, out, fmt, samples, metadata, gates=gates, tolerance=args.tolerance)
     c = r.comparison
     print(
         f"exported {args.domain} ({d.method}, gates {r.gates}) to {r.path} "
