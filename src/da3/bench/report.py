@@ -17,6 +17,17 @@ from da3.io import read_json, write_text
 BEGIN = "<!-- da3 bench: generated from benchmarks/results; edit outside these markers -->"
 END = "<!-- da3 bench: end of generated part -->"
 MIB = 2**20
+REPORT_ORDER = (
+    "finetune",
+    "linear",
+    "bias",
+    "tinytl",
+    "piggyback",
+    "series_adapter",
+    "parallel_adapter",
+    "udta",
+    "da3",
+)
 TAGS = {
     "quick": "`da3 bench --quick`",
     "full": "`da3 bench --full`",
@@ -32,10 +43,11 @@ def _mean_by(records: list[dict]) -> dict[tuple[str, str], list[float]]:
 
 
 def _methods(records: list[dict]) -> list[str]:
-    """The methods of ``records`` in registry order (the reference methods first)."""
+    """The methods of ``records``: references, baselines, then da3 (others after)."""
     from da3.methods import list_methods
 
-    order = {m: i for i, m in enumerate(list_methods())}
+    known = [m for m in REPORT_ORDER if m in list_methods()]
+    order = {m: i for i, m in enumerate(known + [m for m in list_methods() if m not in known])}
     found = dict.fromkeys(r["method"] for r in records)
     return sorted(found, key=lambda m: order.get(m, len(order)))
 
