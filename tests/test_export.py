@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -465,6 +466,10 @@ def test_cli_export_writes_file_and_sidecar(env, tmp_path, capsys, fmt):
     assert side["classes"] == ["blue", "green", "red"] and side["input"]["image_size"] == 32
     assert side["backbone"]["name"] == "resnet18" and len(side["backbone"]["fingerprint"]) == 64
     assert side["verification"]["samples"] >= 2 and side["verification"]["max_abs_diff"] < 1e-4
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (out, tmp_path / f"{out.name}.json"):  # not the temporary file's 0600
+        assert written.stat().st_mode & 0o777 == 0o666 & ~umask
     meta = json.loads((env["store"] / "gated.json").read_text())
     assert side["source"]["build_id"] == meta["build_id"]
     # The file runs without da3 and gives the domain's logits.

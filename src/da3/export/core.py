@@ -466,7 +466,9 @@ def export_model(
             "runtime": runtime_version(fmt),
         }
         sidecar = sidecar_path(path)
+        sidecar_mode = _file_mode(sidecar)
         write_json(sidecar, metadata)
+        os.chmod(sidecar, sidecar_mode)  # it goes wherever the model goes
         os.replace(tmp, path)
     except OSError as err:
         raise Da3Error(f"{path}: cannot write ({err.strerror or err})") from None
