@@ -315,7 +315,6 @@ def open_runner(path: str | Path, fmt: str, threads: int = 0) -> Callable:
             out = sess.run([OUTPUT_NAME], {INPUT_NAME: x.detach().cpu().numpy()})[0]
             return torch.from_numpy(out)
 
-        run_onnx.session = sess
         return run_onnx
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -325,7 +324,6 @@ def open_runner(path: str | Path, fmt: str, threads: int = 0) -> Callable:
     def run_ts(x: torch.Tensor) -> torch.Tensor:
         return module(x)
 
-    run_ts.module = module
     return run_ts
 
 
