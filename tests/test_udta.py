@@ -279,6 +279,7 @@ def test_da3_train_caches_features(tmp_path, monkeypatch, capsys):
     assert err.startswith("da3: error: cache_features=true needs augment=false"), err
     assert main([*argv, "cache_features=true", "method=bias", "augment=false"]) == 2
     assert "method 'bias' cannot cache features" in capsys.readouterr().err
+    assert not (store / "runs" / "c").exists(), "a refused run left files behind"
 
     assert main([*argv, "--cache-features", "augment=false", "cache_dtype=float16"]) == 0
     history = read_json(store / "runs" / "c" / "history.json")["history"]

@@ -205,7 +205,7 @@ def train_domain(
     from da3.data import load_domain
     from da3.domains import DomainStore, MultiDomainModel, check_name
     from da3.methods import parse_config
-    from da3.train import TrainConfig, evaluate, fit_domain
+    from da3.train import TrainConfig, check_cacheable, evaluate, fit_domain
 
     name = check_name(run["domain"])
     store = DomainStore(store_dir)
@@ -222,6 +222,8 @@ def train_domain(
         name, data.classes, run["method"], config, run["image_size"], seed=run["seed"]
     )
     domain.source = run["data"]
+    if tc.cache_features:
+        check_cacheable(domain.model)  # before anything of the run is written
     run_dir = store.root / "runs" / name
     resolved = {**run, "config": dataclasses.asdict(config)}
     try:

@@ -206,6 +206,16 @@ def _lr_lambda(total_steps: int):
     return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
+def check_cacheable(model: AdaptedModel) -> None:
+    """Refuse ``cache_features`` for a method whose backbone output depends on what trains."""
+    if not model.cacheable:
+        raise Da3Error(
+            f"cache_features=true: method {model.method!r} cannot cache features (its "
+            "trainable state changes what the backbone computes); methods that can: "
+            "udta, linear"
+        )
+
+
 def fit(
     model: AdaptedModel,
     train_images: torch.Tensor,
@@ -242,12 +252,7 @@ def fit(
     )
     train_cache = val_cache = None
     if config.cache_features:
-        if not model.cacheable:
-            raise Da3Error(
-                f"cache_features=true: method {model.method!r} cannot cache features (its "
-                "trainable state changes what the backbone computes); methods that can: "
-                "udta, linear"
-            )
+        check_cacheable(model)
         train_cache = FeatureCache(len(train_images), config.cache_dtype)
         val_cache = FeatureCache(len(val_images), config.cache_dtype)
     history: list[dict] = []
