@@ -135,9 +135,12 @@ def ratio_table(profile: dict) -> str:
 
     def ratio(r, key):
         a, b = r.get(key), d.get(key) if d else None
-        return f"{a / b:.1f}×" if a and b else "-"
+        if not (a and b):
+            return "-"
+        return f"{a / b:.1f}×" if a >= b else f"{a / b:.2g}×"
 
-    for m, r in rows.items():
+    for m in _methods(profile["rows"]):
+        r = rows[m]
         peak = r.get("peak_memory_bytes")
         lines.append(
             f"| {m} | {r['saved_activation_bytes'] / MIB:.2f} | "
@@ -197,10 +200,12 @@ def plot_domains(records: list[dict], path: Path) -> None:
     ax.set_xticks(range(len(domains)), domains)
     ax.set_ylabel("test top-1")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, ncol=min(len(methods), 5), loc="lower center")
+    ax.legend(
+        fontsize=7, ncol=min(len(methods), 5), loc="upper center", bbox_to_anchor=(0.5, -0.08)
+    )
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
