@@ -20,6 +20,11 @@ def _git(where: Path, *args: str) -> str:
     ).stdout.strip()
 
 
+def _program() -> str:
+    name = Path(sys.argv[0]).name
+    return "da3" if name in ("cli.py", "__main__.py") else name  # python -m da3.cli is da3
+
+
 def run_info(device: str = "cpu", where: Path | None = None) -> dict:
     """Command, commit (``+dirty`` when code differs from it), date, machine, versions.
 
@@ -46,7 +51,7 @@ def run_info(device: str = "cpu", where: Path | None = None) -> dict:
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", False
     return {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": " ".join([_program(), *sys.argv[1:]]),
         "commit": commit + ("+dirty" if dirty else ""),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_description(device),
