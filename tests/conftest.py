@@ -30,3 +30,19 @@ def randomise_bn(module: torch.nn.Module) -> torch.nn.Module:
                 m.weight.copy_(torch.rand(n, generator=g) + 0.5)
                 m.bias.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
     return module
+
+
+def calibrate_bn(backbone: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """Random batch-norm affines, then running statistics measured on ``x``: a random network
+    whose features really depend on the input. (With default statistics the signal dies in the
+    deep MobileNet-style networks: their features are the same for every image to ~1e-8, which
+    would make equalities between outputs vacuous.) Returns the backbone in eval mode."""
+    randomise_bn(backbone)
+    for m in backbone.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+    backbone.train()
+    with torch.no_grad():
+        backbone(x)
+    return backbone.eval()

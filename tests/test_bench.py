@@ -7,6 +7,7 @@ real code paths; the figures themselves come from the real presets, run by hand.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,3 +167,34 @@ def test_bench_report_appends_to_a_page_without_markers(bench, tmp_path):
     assert text.startswith("# Mine\n\nhow to run it\n\n" + BEGIN) and text.endswith(END + "\n")
     write_report(page, results)  # again: the generated part is replaced, not repeated
     assert page.read_text() == text
+
+
+def test_bench_redoes_a_record_whose_method_config_changed(bench, monkeypatch, tmp_path):
+    import json
+    import shutil
+
+    _, domains, results, report = bench
+    copy_dir = tmp_path / "results"
+    shutil.copytree(results, copy_dir)
+    path = copy_dir / "bench_quick_accuracy.json"
+    acc = json.loads(path.read_text())
+    stale = next(r for r in acc["records"] if r["method"] == "linear")
+    stale["config"]["lr"] = 0.5  # as if it ran under another default
+    path.write_text(json.dumps(acc))
+    calls = []
+
+    def fake(frozen, method, overrides, data, protocol, **kw):
+        calls.append((method, data.name))
+        return {"test_accuracy": 1.0, "train_seconds": 0.0}, None
+
+    monkeypatch.setattr("da3.bench.accuracy.train_one", fake)
+    bench_run.run_bench(
+        "quick",
+        TINY,
+        methods=["linear", "da3"],
+        domains=domains,
+        stages=("accuracy",),
+        results=copy_dir,
+        report=report,
+    )
+    assert calls == [("linear", Path(stale["domain"]).name)]

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 import da3.io
 import da3.train
-from conftest import randomise_bn
+from conftest import calibrate_bn
 from da3.backbones import create_backbone
 from da3.domains import DomainStore, MultiDomainModel, check_name
 from da3.errors import Da3Error
@@ -39,15 +39,8 @@ def frozen() -> FrozenBackbone:
     """Random weights; batch-norm statistics measured on random images, so that (unlike with
     the default statistics) the features, hence the logits, depend on the image."""
     torch.manual_seed(1234)
-    backbone = randomise_bn(create_backbone("efficientnet_lite0", "none"))
-    for m in backbone.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    backbone.train()
-    with torch.no_grad():
-        backbone(backbone.preprocess(images(16, seed=99)))
-    return FrozenBackbone(backbone.eval())
+    backbone = create_backbone("efficientnet_lite0", "none")
+    return FrozenBackbone(calibrate_bn(backbone, backbone.preprocess(images(16, seed=99))))
 
 
 def distinct_rows(logits: torch.Tensor) -> bool:

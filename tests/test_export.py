@@ -26,7 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import da3.export.core as core
-from conftest import randomise_bn
+from conftest import calibrate_bn, randomise_bn
 from da3.backbones import create_backbone
 from da3.cli import main
 from da3.errors import Da3Error
@@ -359,15 +359,9 @@ def calibrated_lite0() -> FrozenBackbone:
     """Random EfficientNet-Lite0 whose batch-norm statistics come from random images, so that
     its features (hence the logits) depend on the image."""
     torch.manual_seed(1234)
-    backbone = randomise_bn(create_backbone("efficientnet_lite0", "none"))
-    for m in backbone.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    backbone.train()
-    with torch.no_grad():
-        backbone(backbone.preprocess(images(16, seed=99, size=64)))
-    return FrozenBackbone(backbone.eval())
+    backbone = create_backbone("efficientnet_lite0", "none")
+    x = backbone.preprocess(images(16, seed=99, size=64))
+    return FrozenBackbone(calibrate_bn(backbone, x))
 
 
 def test_efficientnet_lite0_da3_with_gates(tmp_path):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import randomise_bn
+from conftest import calibrate_bn
 from da3.backbones import create_backbone, list_backbones
 from da3.errors import Da3Error
 from da3.io import read_tensors, write_tensors
@@ -53,20 +53,9 @@ _FROZEN: dict[str, FrozenBackbone] = {}
 
 
 def calibrated(backbone: nn.Module, size: int = SIZE) -> nn.Module:
-    """Random batch-norm affines, then running statistics measured on random images: a
-    random network whose features really depend on the input. (With default statistics the
-    signal dies in the deep MobileNet-style networks: their features are the same for every
-    image to ~1e-8, which would make equalities between outputs vacuous.)"""
-    randomise_bn(backbone)
-    for m in backbone.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average
+    """A random network whose features depend on the input (conftest.calibrate_bn)."""
     x = torch.rand(16, 3, size, size, generator=torch.Generator().manual_seed(2)) * 4 - 2
-    backbone.train()
-    with torch.no_grad():
-        backbone(x)
-    return backbone.eval()
+    return calibrate_bn(backbone, x)
 
 
 def frozen_backbone(name: str) -> FrozenBackbone:
