@@ -233,6 +233,30 @@ def test_compare_counts_top1_and_difference(frozen):
     assert not swapped.ok and swapped.max_abs_diff > 1e-3
 
 
+def test_compare_accepts_a_difference_relative_to_the_logits(frozen):
+    """Runtimes' float32 rounding grows with the logits: the accepted difference is
+    ``tolerance + rtol * largest |logit|``, not an absolute figure alone."""
+    model = trained_like(build_model("linear", frozen, len(CLASSES)))
+    x = samples(frozen)
+    model.eval()
+    big = 1000.0 / float(model(x).abs().max())  # logits up to exactly 1000
+
+    class Scaled(torch.nn.Module):
+        def forward(self, b):
+            return model(b) * big
+
+    scaled = Scaled()
+
+    def off(b):  # 5e-4 off: more than the absolute 1e-4, less than 1e-4 + 1e-5 * 1000
+        return scaled(b) + 5e-4
+
+    cmp = compare(scaled, off, x)
+    assert abs(cmp.logit_scale - 1000.0) < 1e-2 and abs(cmp.allowed - 1.01e-2) < 1e-6
+    assert cmp.ok and 4e-4 < cmp.max_abs_diff < 6e-4
+    assert not compare(scaled, off, x, rtol=0.0).ok
+    assert not compare(scaled, lambda b: scaled(b) + 0.02, x).ok
+
+
 # ---------------------------------------------------------------------------------------
 # DA3's gates
 
@@ -500,6 +524,7 @@ def test_cli_export_refuses_bad_requests(env, tmp_path, capsys):
         (["--domain", "plain", "--format", "onnx", "--gates", "on"], ["'plain' has no gates"]),
         (["--domain", "gated", "--format", "onnx", "--samples", "1"], ["--samples", "at least 2"]),
         (["--domain", "gated", "--format", "onnx", "--tolerance", "0"], ["--tolerance"]),
+        (["--domain", "gated", "--format", "onnx", "--rtol", "-1"], ["--rtol"]),
         (["--domain", "gated", "--format", "onnx", "--out", tmp_path], ["is a folder"]),
     ]
     capsys.readouterr()

@@ -57,7 +57,13 @@ def register(commands) -> None:
         "--tolerance",
         type=float,
         default=1e-4,
-        help="largest absolute difference of the logits accepted (default 1e-4)",
+        help="absolute difference of the logits accepted (default 1e-4) ...",
+    )
+    p.add_argument(
+        "--rtol",
+        type=float,
+        default=1e-5,
+        help="... plus this times the largest |logit| on the samples (default 1e-5)",
     )
     p.set_defaults(run=run_export)
 
@@ -138,6 +144,8 @@ def run_export(args) -> int:
         raise Da3Error(f"--gates must be on or off, not {args.gates!r}")
     if not 0 < args.tolerance < float("inf"):
         raise Da3Error(f"--tolerance must be positive, got {args.tolerance}")
+    if not 0 <= args.rtol < float("inf"):
+        raise Da3Error(f"--rtol must be zero or positive, got {args.rtol}")
     if args.out is not None and args.out.is_dir():
         raise Da3Error(f"--out {args.out}: is a folder; give a file name")
 
@@ -150,7 +158,9 @@ def run_export(args) -> int:
     if out is None:
         tag = ".static" if args.gates == "off" else ""
         out = Path(args.store) / "exports" / f"{args.domain}{tag}{SUFFIX[fmt]}"
-    r = export_model(d.model, out, fmt, samples, metadata, gates=gates, tolerance=args.tolerance)
+    r = export_model(
+        d.model, out, fmt, samples, metadata, gates=gates, tolerance=args.tolerance, rtol=args.rtol
+    )
     c = r.comparison
     print(
         f"exported {args.domain} ({d.method}, gates {r.gates}) to {r.path} "

@@ -50,7 +50,8 @@ from da3.methods.da3 import DA3Block
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 GATE_MODES = ("dynamic", "static")
-TOLERANCE = 1e-4
+TOLERANCE = 1e-4  # absolute, on the logits
+RTOL = 1e-5  # ... plus this times the largest |logit|
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 EXPORT_FORMAT = "da3-export"
 # Inside a TorchScript file, the metadata (the same as the sidecar's) is this extra file.
@@ -337,41 +338,50 @@ class Comparison:
     top1_agree: int
     samples: int
     tolerance: float = TOLERANCE
+    rtol: float = RTOL
+    logit_scale: float = 0.0  # the largest |logit| PyTorch gave on the samples
+
+    @property
+    def allowed(self) -> float:
+        """The largest difference accepted: ``tolerance + rtol * logit_scale``."""
+        return self.tolerance + self.rtol * self.logit_scale
 
     @property
     def ok(self) -> bool:
-        return self.max_abs_diff < self.tolerance and self.top1_agree == self.samples
+        return self.max_abs_diff <= self.allowed and self.top1_agree == self.samples
 
 
-def _agree(ref: torch.Tensor, got: torch.Tensor, tolerance: float) -> int:
-    """Samples with the same top-1 (a tie within the tolerance in PyTorch's logits counts)."""
+def _agree(ref: torch.Tensor, got: torch.Tensor, allowed: float) -> int:
+    """Samples with the same top-1 (a tie within ``allowed`` in PyTorch's logits counts)."""
     top = ref.argmax(1)
     same = got.argmax(1) == top
     picked = ref.gather(1, got.argmax(1, keepdim=True)).squeeze(1)
-    tie = (ref.max(1).values - picked) < tolerance
+    tie = (ref.max(1).values - picked) <= allowed
     return int((same | tie).sum())
 
 
 @torch.no_grad()
 def compare(
-    model: nn.Module, run: Callable, samples: torch.Tensor, tolerance: float = TOLERANCE
+    model: nn.Module,
+    run: Callable,
+    samples: torch.Tensor,
+    tolerance: float = TOLERANCE,
+    rtol: float = RTOL,
 ) -> Comparison:
     """PyTorch ``model`` against the exported ``run``: each sample alone (where gates skip
-    branches) and all of them as one batch."""
+    branches) and all of them as one batch. Accepted: logits within ``tolerance + rtol *
+    (largest |logit|)`` and the same top-1 everywhere."""
     model.eval()
-    worst, agree = 0.0, 0
-    for i in range(len(samples)):
-        ref, got = model(samples[i : i + 1]), run(samples[i : i + 1])
-        if got.shape != ref.shape:
-            return Comparison(float("inf"), 0, len(samples), tolerance)
-        worst = max(worst, float((ref - got).abs().max()))
-        agree += _agree(ref, got, tolerance)
-    ref, got = model(samples), run(samples)
-    if got.shape != ref.shape:
-        return Comparison(float("inf"), 0, len(samples), tolerance)
-    worst = max(worst, float((ref - got).abs().max()))
-    agree = min(agree, _agree(ref, got, tolerance))
-    return Comparison(worst, agree, len(samples), tolerance)
+    pairs = [(model(samples[i : i + 1]), run(samples[i : i + 1])) for i in range(len(samples))]
+    pairs.append((model(samples), run(samples)))
+    if any(got.shape != ref.shape for ref, got in pairs):
+        return Comparison(float("inf"), 0, len(samples), tolerance, rtol)
+    scale = max(float(ref.abs().max()) for ref, _ in pairs)
+    cmp = Comparison(0.0, 0, len(samples), tolerance, rtol, scale)
+    cmp.max_abs_diff = max(float((ref - got).abs().max()) for ref, got in pairs)
+    alone = sum(_agree(ref, got, cmp.allowed) for ref, got in pairs[:-1])
+    cmp.top1_agree = min(alone, _agree(*pairs[-1], cmp.allowed))
+    return cmp
 
 
 @dataclass
@@ -398,17 +408,20 @@ def export_model(
     metadata: dict,
     gates: str = "dynamic",
     tolerance: float = TOLERANCE,
+    rtol: float = RTOL,
 ) -> ExportResult:
     """Export ``model`` (a domain's network) to ``path`` as ``fmt``, verified on ``samples``
     (normalised N x 3 x S x S, N >= 2), with ``metadata`` (see :func:`domain_metadata`) in the
     file and in the JSON sidecar ``path + '.json'``. Raises :class:`Da3Error` naming the file
     when the method cannot be exported or the exported file does not match PyTorch; then no
-    file is written and an existing one at ``path`` is left as it was. ``tolerance``: on the
-    largest absolute difference of the logits (1e-4 by default; float32 rounding differs
-    between runtimes, which on logits of about 30 gives differences of about 5e-5)."""
+    file is written and an existing one at ``path`` is left as it was. The largest absolute
+    difference of the logits accepted is ``tolerance + rtol * (largest |logit|)``: float32
+    rounding differs between runtimes, and grows with the logits (about 5e-5 on logits of 30)."""
     check_format(fmt)
     if not 0 < tolerance < float("inf"):
         raise Da3Error(f"export: tolerance must be positive, got {tolerance}")
+    if not 0 <= rtol < float("inf"):
+        raise Da3Error(f"export: rtol must be zero or positive, got {rtol}")
     path = Path(path)
     if len(samples) < 2:
         raise Da3Error("export: verification needs at least 2 sample images")
@@ -443,7 +456,7 @@ def export_model(
             os.fsync(f.fileno())
         os.chmod(tmp, _file_mode(path))
         try:
-            cmp = compare(model, open_runner(tmp, fmt), samples, tolerance)
+            cmp = compare(model, open_runner(tmp, fmt), samples, tolerance, rtol)
         except Exception as err:  # noqa: BLE001 - a file its runtime cannot run does not match
             raise Da3Error(
                 f"{path}: the exported file does not run in "
@@ -453,13 +466,16 @@ def export_model(
         if not cmp.ok:
             raise Da3Error(
                 f"{path}: exported {fmt} does not match PyTorch (max abs diff on logits "
-                f"{cmp.max_abs_diff:.3g}, tolerance {tolerance:g}; same top-1 on "
+                f"{cmp.max_abs_diff:.3g}, accepted {cmp.allowed:.3g} = {tolerance:g} + "
+                f"{rtol:g} x largest logit {cmp.logit_scale:.3g}; same top-1 on "
                 f"{cmp.top1_agree} of {cmp.samples} samples); nothing written"
             )
         metadata["verification"] = {
             "samples": cmp.samples,
             "max_abs_diff": cmp.max_abs_diff,
             "tolerance": tolerance,
+            "rtol": rtol,
+            "logit_scale": cmp.logit_scale,
             "top1_agree": cmp.top1_agree,
             "runtime": runtime_version(fmt),
         }
