@@ -9,13 +9,14 @@ where the method says so; each domain's fixed train/val/test split (da3.data) at
 rate (its config), cosine decay to zero, random translations of up to 1/12 of the side;
 seed 0; the epoch with the best validation accuracy is evaluated on the test split.
 
-Resumable: a (method, domain) already in the results file with the same protocol is not
-run again. Writes benchmarks/results/<out>.{json,md}.
+Resumable: a (method, domain) already in the results file with the same protocol and the
+same method config is not run again. Writes benchmarks/results/<out>.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -25,7 +26,7 @@ from da3.backbones import create_backbone
 from da3.bench.accuracy import train_one
 from da3.data import BENCHMARK_DOMAINS, load_domain
 from da3.io import read_json, write_tensors
-from da3.methods import FrozenBackbone
+from da3.methods import FrozenBackbone, make_config
 
 STATES = RESULTS / ".states"  # trained domain tensors, reused by gating.py (git-ignored)
 
@@ -103,6 +104,11 @@ def main() -> None:
         old = read_json(path)
         if old.get("protocol") == protocol:
             records = old["records"]
+    # a record made under another config of its method (a changed default) is redone
+    configs = {m: dataclasses.asdict(make_config(m, overrides.get(m))) for m in methods}
+    records = [
+        r for r in records if r["method"] not in configs or r["config"] == configs[r["method"]]
+    ]
     merged = []
     for other in filter(None, args.merge.split(",")):
         data = read_json(RESULTS / f"{other}.json")

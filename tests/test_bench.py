@@ -17,6 +17,7 @@ from da3.bench import run as bench_run
 from da3.bench.report import BEGIN, END
 from da3.cli import main
 from da3.io import read_json
+from da3.methods import make_config
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
 
@@ -198,3 +199,33 @@ def test_bench_redoes_a_record_whose_method_config_changed(bench, monkeypatch, t
         report=report,
     )
     assert calls == [("linear", Path(stale["domain"]).name)]
+
+
+def test_bench_gating_follows_da3_config(bench, monkeypatch, tmp_path):
+    """The gating curve starts over when DA3's config changed since it ran (a new default),
+    and its gated runs take the ``--set da3.*`` overrides, with no head-only warm-up (the
+    head is trained already)."""
+    import json
+    import shutil
+
+    _, domains, results, report = bench
+    copy_dir = tmp_path / "results"
+    shutil.copytree(results, copy_dir)
+    path = copy_dir / "bench_quick_gating.json"
+    gating = json.loads(path.read_text())
+    gating["protocol"]["da3_config"]["lr"] = 0.5  # as if it ran under another default
+    path.write_text(json.dumps(gating))
+    seen = []
+
+    def fake_fit(model, data, pre, config, tc, **kw):
+        seen.append(config)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("da3.bench.gating.fit_domain", fake_fit)
+    kw = dict(methods=["da3"], domains=domains, stages=("gating",), results=copy_dir)
+    with pytest.raises(RuntimeError, match="stop here"):
+        bench_run.run_bench("quick", TINY, report=report, **kw)
+    assert seen[0].gates and seen[0].lr == make_config("da3").lr and seen[0].head_warmup == 0.0
+    with pytest.raises(RuntimeError, match="stop here"):
+        bench_run.run_bench("quick", TINY, report=report, overrides={"da3": {"lr": 0.01}}, **kw)
+    assert seen[1].gates and seen[1].lr == 0.01 and seen[1].head_warmup == 0.0

@@ -604,3 +604,28 @@ def test_fit_divergence_keeps_last_good_checkpoint(frozen, tmp_path, monkeypatch
     resumed, result = _fit(frozen, run, resume=True, fingerprint={})
     assert result.resumed_from == 0
     assert all(torch.isfinite(v).all() for v in resumed.domain_state().values())
+
+
+def test_head_warmup_trains_the_head_alone_first(frozen):
+    """DA3's ``head_warmup``: for that fraction of the steps only the head moves (the model is
+    a linear probe of the pretrained network: its adaptors start as the identity); then the
+    adaptors follow the cosine schedule from where it is."""
+    before = build_model("da3", frozen, 3, make_config("da3", {"blocks": "all"})).domain_state()
+    # 1 epoch of 3 steps; a warm-up of 0.9 covers all of them, one of 0.3 the first only
+    for warmup, adaptors_move in ((0.9, False), (0.3, True), (0.0, True)):
+        cfg = make_config("da3", {"blocks": "all", "head_warmup": warmup})
+        model, _ = _fit(frozen, None, epochs=1, cfg=cfg)
+        after = model.domain_state()
+        head = [k for k in after if k.startswith("head.")]
+        assert head and all(not torch.equal(after[k], before[k]) for k in head)
+        moved = [k for k in after if k not in head and not torch.equal(after[k], before[k])]
+        assert bool(moved) == adaptors_move, (warmup, moved)
+
+
+def test_lr_schedule_holds_all_but_the_head_during_the_warmup():
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    opt = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:]}], lr=1.0)
+    body, head = da3.train.lr_schedule(opt, 10, 0.3)
+    assert [body(s) for s in range(3)] == [0.0] * 3 and body(3) == head(3) > 0
+    assert head(0) == 1.0 and head(10) == 0.0
+    assert da3.train.lr_schedule(opt, 10, 0.0)[0](0) == 1.0

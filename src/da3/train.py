@@ -60,14 +60,15 @@ class TrainConfig:
 
 
 def make_optimizer(model: AdaptedModel, config: MethodConfig) -> torch.optim.Optimizer:
-    """AdamW; the head in its own group when the config gives it its own learning rate."""
+    """AdamW; the head in its own group (the last) when the config gives it its own learning
+    rate or a head-only warm-up."""
     params = model.trainable_parameters()
-    if not config.head_lr:
+    if not config.head_lr and not config.head_warmup:
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     head = {id(p) for p in model.head.parameters()}
     groups = [
         {"params": [p for p in params if id(p) not in head]},
-        {"params": [p for p in params if id(p) in head], "lr": config.head_lr},
+        {"params": [p for p in params if id(p) in head], "lr": config.head_lr or config.lr},
     ]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
@@ -206,6 +207,22 @@ def _lr_lambda(total_steps: int):
     return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, head_warmup: float) -> list:
+    """Per parameter group, the factor on its learning rate at each step: cosine decay to zero
+    over ``total_steps``; with ``head_warmup`` > 0, every group but the head (the last, see
+    :func:`make_optimizer`) stays at zero for the first ``round(head_warmup * total_steps)``
+    steps, so the head learns alone first (then the cosine goes on where it is)."""
+    cosine = _lr_lambda(total_steps)
+    if not head_warmup or len(optimizer.param_groups) < 2:
+        return [cosine] * len(optimizer.param_groups)
+    wait = round(head_warmup * total_steps)
+
+    def after_warmup(step: int) -> float:
+        return 0.0 if step < wait else cosine(step)
+
+    return [after_warmup] * (len(optimizer.param_groups) - 1) + [cosine]
+
+
 def check_cacheable(model: AdaptedModel) -> None:
     """Refuse ``cache_features`` for a method whose backbone output depends on what trains."""
     if not model.cacheable:
@@ -247,8 +264,9 @@ def fit(
     model.to(device).train()
     optimizer = make_optimizer(model, method_config)
     steps_per_epoch = math.ceil(len(train_images) / config.batch_size)
+    total_steps = max(1, steps_per_epoch * config.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(max(1, steps_per_epoch * config.epochs))
+        optimizer, lr_schedule(optimizer, total_steps, method_config.head_warmup)
     )
     train_cache = val_cache = None
     if config.cache_features:

@@ -86,7 +86,16 @@ def run_gating(
         ]
         state = model0.domain_state()
         for t in protocol["targets"]:
-            config = make_config("da3", {"gates": True, "gate_target": t})
+            # the head is trained already: no head-only warm-up
+            config = make_config(
+                "da3",
+                {
+                    **protocol.get("overrides", {}).get("da3", {}),
+                    "gates": True,
+                    "gate_target": t,
+                    "head_warmup": 0.0,
+                },
+            )
             torch.manual_seed(protocol["seed"])
             model = build_model("da3", frozen, len(data.classes), config).to(device)
             model.load_domain_state(state, strict=False)

@@ -9,6 +9,7 @@ interleaved), ``gating`` (per domain), then ``report`` (``docs/benchmark.md`` an
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from pathlib import Path
 
@@ -177,7 +178,10 @@ def run_bench(
 
     if "gating" in stages and "da3" in methods:
         t0 = time.perf_counter()
-        gprotocol = {**protocol, **preset["gating"]}
+        da3_overrides = protocol["overrides"].get("da3", {})
+        da3_config = dataclasses.asdict(make_config("da3", da3_overrides))
+        # DA3's whole config is part of the protocol: a changed default starts the curve over
+        gprotocol = {**protocol, **preset["gating"], "da3_config": da3_config}
         path = results / f"bench_{tag}_gating.json"
         records = []
         if path.is_file() and read_json(path).get("protocol") == gprotocol:
@@ -198,11 +202,17 @@ def run_bench(
                 None,
             )
             file = state_path(states, tag, "da3", domain, seed)
-            if rec is not None and file.is_file() and acc.get("protocol") == protocol:
-                model = build_model("da3", frozen, len(data.classes), make_config("da3"))
+            if (
+                rec is not None
+                and rec["config"] == da3_config
+                and file.is_file()
+                and acc.get("protocol") == protocol
+            ):
+                config = make_config("da3", da3_overrides)
+                model = build_model("da3", frozen, len(data.classes), config)
                 model.load_domain_state(read_tensors(file))
                 return rec, model.to(device)
-            return train_one(frozen, "da3", {}, data, protocol, device=device)
+            return train_one(frozen, "da3", da3_overrides, data, protocol, device=device)
 
         def write(records: list[dict]) -> None:
             _timed(info, "gating", t0)

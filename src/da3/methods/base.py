@@ -168,6 +168,10 @@ class MethodConfig:
         default=0.0, metadata={"help": "learning rate of the new head (0: the same as lr)"}
     )
 
+    # Fraction of the training steps during which only the head learns. Not a setting of
+    # every method (a class attribute, not a field): DA3Config makes it one.
+    head_warmup = 0.0
+
     def __post_init__(self) -> None:
         self.check(lr=self.lr > 0, weight_decay=self.weight_decay >= 0, head_lr=self.head_lr >= 0)
 

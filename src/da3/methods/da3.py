@@ -41,8 +41,15 @@ from da3.methods.finetune import _Features
 
 @dataclass
 class DA3Config(MethodConfig):
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of adaptors, gates"})
+    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate of adaptors, gates"})
     head_lr: float = field(default=3e-3, metadata={"help": "learning rate of the new head"})
+    head_warmup: float = field(
+        default=0.0,
+        metadata={
+            "help": "fraction of the training steps in which only the head learns (adaptors "
+            "and gates wait, then follow the cosine decay from there); helps few-shot domains"
+        },
+    )
     blocks: str = field(
         default="auto",
         metadata={
@@ -77,6 +84,7 @@ class DA3Config(MethodConfig):
             gate_target=0 < self.gate_target <= 1,
             gate_weight=self.gate_weight >= 0,
             gate_init=True,
+            head_warmup=0 <= self.head_warmup < 1,
         )
 
 
