@@ -229,3 +229,47 @@ def test_bench_gating_follows_da3_config(bench, monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="stop here"):
         bench_run.run_bench("quick", TINY, report=report, overrides={"da3": {"lr": 0.01}}, **kw)
     assert seen[1].gates and seen[1].lr == 0.01 and seen[1].head_warmup == 0.0
+
+
+def test_bench_jobs_merge_into_one_result(bench, tmp_path):
+    """Jobs run apart (one per method) merge into one results folder, states included; the
+    merged records are the jobs' own, and a second merge of the same jobs changes nothing."""
+    from da3.bench.merge import merge_accuracy
+    from da3.errors import Da3Error
+
+    _, domains, _, _ = bench
+    parts = []
+    for method in ("linear", "da3"):
+        part = tmp_path / method
+        bench_run.run_bench(
+            "quick",
+            TINY,
+            methods=[method],
+            domains=domains[:1],
+            stages=("accuracy",),
+            results=part,
+            report=part / "r.md",
+        )
+        parts.append(part)
+    out = tmp_path / "merged"
+    records = merge_accuracy(parts, out, "quick")
+    own = [r for p in parts for r in read_json(p / "bench_quick_accuracy.json")["records"]]
+    assert sorted(r["method"] for r in records) == ["da3", "linear"]
+    assert {r["method"]: r["test_accuracy"] for r in records} == {
+        r["method"]: r["test_accuracy"] for r in own
+    }
+    merged = read_json(out / "bench_quick_accuracy.json")
+    assert merged["info"]["parallel_jobs"] == 2 and len(merged["info"]["command"]) == 2
+    assert list((out / ".states").glob("quick-da3-*.safetensors"))
+    assert "more jobs like it" in (out / "bench_quick_accuracy.md").read_text()
+    assert merge_accuracy(parts, out, "quick") == records  # the merged file is a part too now
+
+    changed = read_json(parts[0] / "bench_quick_accuracy.json")
+    changed["protocol"]["epochs"] = 2
+    from da3.io import write_json
+
+    write_json(parts[0] / "bench_quick_accuracy.json", changed)
+    with pytest.raises(Da3Error, match="protocol differs"):
+        merge_accuracy(parts, tmp_path / "other", "quick")
+    with pytest.raises(Da3Error, match="not found"):
+        merge_accuracy([tmp_path / "missing"], tmp_path / "other", "quick")

@@ -62,9 +62,12 @@ def run_info(device: str = "cpu", where: Path | None = None) -> dict:
 
 
 def header(info: dict, title: str) -> str:
+    command = info["command"]
+    if isinstance(command, list):  # merged from parallel jobs (da3.bench.merge)
+        command = f"{command[0]}` and {len(command) - 1} more jobs like it, the last `{command[-1]}"
     return (
         f"# {title}\n\n"
-        f"- command: `{info['command']}`\n- commit: {info['commit']}, da3 {info['da3']}, "
+        f"- command: `{command}`\n- commit: {info['commit']}, da3 {info['da3']}, "
         f"torch {info['torch']}, Python {info['python']}\n- machine: {info['machine']}\n"
         f"- date: {info['date']}\n\n"
     )

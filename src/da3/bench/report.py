@@ -211,6 +211,8 @@ def plot_domains(records: list[dict], path: Path) -> None:
 
 def _info_line(info: dict, wall_seconds: float | None = None) -> str:
     wall = f"; wall time {wall_seconds / 60:.1f} min" if wall_seconds else ""
+    if wall_seconds and info.get("parallel_jobs"):
+        wall += f" summed over {info['parallel_jobs']} jobs run in parallel"
     return (
         f"commit {info['commit']}, da3 {info['da3']}, torch {info['torch']}, Python "
         f"{info['python']}; {info['machine']} ({info.get('device', 'cpu')}); {info['date']}" + wall
