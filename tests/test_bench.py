@@ -148,6 +148,7 @@ def test_bench_changed_protocol_starts_over(bench, monkeypatch):
         (["--set", "da3.reduction"], "expected METHOD.key=value"),
         (["--set", "da3.nokey=1"], "unknown config key 'nokey'"),
         (["--set", "da3.reduction=x"], "expects int"),
+        (["--profiles", "resnet50-96px-b8"], "unknown setting 'resnet50-96px-b8'"),
     ],
 )
 def test_bench_bad_arguments_fail_before_any_work(argv, message, capsys, monkeypatch, tmp_path):

@@ -55,6 +55,12 @@ def register(commands) -> None:
         metavar="METHOD.key=value",
         help="method config override (changes the protocol: results go under the tag 'custom')",
     )
+    p.add_argument(
+        "--profiles",
+        default="",
+        help="comma-separated profile settings to run, as BACKBONE-SIZEpx-bBATCH "
+        "(e.g. efficientnet_lite0-128px-b32; default: every one of the preset)",
+    )
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--report", type=Path, default=Path("docs/benchmark.md"))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -64,7 +70,7 @@ def register(commands) -> None:
 def _run(args) -> int:
     import torch
 
-    from da3.bench.run import PRESETS, STAGES, run_bench
+    from da3.bench.run import PRESETS, STAGES, profile_key, run_bench
     from da3.data import BENCHMARK_DOMAINS
     from da3.methods import get_method, parse_config
 
@@ -88,12 +94,23 @@ def _run(args) -> int:
         overrides.setdefault(method, {})[name] = value
     for method, values in overrides.items():
         parse_config(method, values)  # bad keys and values fail now, not an hour later
+    preset = PRESETS[args.preset]
+    if args.profiles:
+        names = {profile_key(p): p for p in preset["profiles"]}
+        wanted = _csv(args.profiles)
+        for name in wanted:
+            if name not in names:
+                raise Da3Error(
+                    f"--profiles: unknown setting {name!r}; the {args.preset} preset has "
+                    + ", ".join(names)
+                )
+        preset = {**preset, "profiles": [names[n] for n in wanted]}
     if args.threads:
         torch.set_num_threads(args.threads)
     tag = "custom" if overrides else args.preset
     run_bench(
         tag,
-        PRESETS[args.preset],
+        preset,
         methods=methods or None,
         domains=domains or None,
         stages=tuple(stages),

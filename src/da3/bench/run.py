@@ -85,6 +85,11 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def profile_key(p: dict) -> str:
+    """How ``da3 bench --profiles`` names a profile setting."""
+    return f"{p['backbone']}-{p['image_size']}px-b{p['batch_size']}"
+
+
 def profile_name(tag: str, p: dict) -> str:
     return f"bench_{tag}_profile_{p['backbone']}_{p['image_size']}px_b{p['batch_size']}"
 
