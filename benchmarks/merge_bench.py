@@ -21,7 +21,12 @@ def main() -> int:
     ap.add_argument("parts", nargs="+", type=Path, help="results folders of the jobs")
     ap.add_argument("--tag", default="full", help="the bench preset the jobs ran (default full)")
     ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--report", type=Path, default=Path("docs/benchmark.md"))
+    ap.add_argument(
+        "--report",
+        type=Path,
+        help="report to rewrite (default: docs/benchmark.md for benchmarks/results, else "
+        "RESULTS/benchmark.md, so a side run never overwrites the project's report)",
+    )
     args = ap.parse_args()
     try:
         records = merge_accuracy(args.parts, args.results, args.tag)
@@ -29,7 +34,11 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"merged {len(records)} records from {len(args.parts)} jobs")
-    write_report(args.report, args.results)
+    report = args.report
+    if report is None:
+        own = args.results.resolve() == RESULTS.resolve()
+        report = Path("docs/benchmark.md") if own else args.results / "benchmark.md"
+    write_report(report, args.results)
     return 0
 
 

@@ -20,6 +20,7 @@ import time
 from common import RESULTS, header, run_info, save
 from da3.backbones import create_backbone
 from da3.bench.accuracy import train_one
+from da3.bench.common import parse_seeds
 from da3.data import load_domain
 from da3.io import read_json
 from da3.methods import FrozenBackbone, parse_config
@@ -30,13 +31,6 @@ def parse_run(text: str) -> tuple[str, dict]:
     overrides = dict(item.split("=", 1) for item in rest.split(",") if item)
     parse_config(method, overrides)  # fails here, naming the key, before any work
     return method, overrides
-
-
-def parse_seeds(text: str) -> list[int]:
-    if "-" in text:
-        a, b = text.split("-")
-        return list(range(int(a), int(b) + 1))
-    return [int(s) for s in text.split(",")]
 
 
 def markdown(info: dict, protocol: dict, runs: list[str], records: list[dict]) -> str:

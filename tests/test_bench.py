@@ -149,6 +149,8 @@ def test_bench_changed_protocol_starts_over(bench, monkeypatch):
         (["--set", "da3.nokey=1"], "unknown config key 'nokey'"),
         (["--set", "da3.reduction=x"], "expects int"),
         (["--profiles", "resnet50-96px-b8"], "unknown setting 'resnet50-96px-b8'"),
+        (["--seeds", "1-x"], "seeds '1-x': expected A-B"),
+        (["--seeds", "-1"], "seeds '-1': expected A-B"),
     ],
 )
 def test_bench_bad_arguments_fail_before_any_work(argv, message, capsys, monkeypatch, tmp_path):
@@ -274,3 +276,12 @@ def test_bench_jobs_merge_into_one_result(bench, tmp_path):
         merge_accuracy(parts, tmp_path / "other", "quick")
     with pytest.raises(Da3Error, match="not found"):
         merge_accuracy([tmp_path / "missing"], tmp_path / "other", "quick")
+
+
+def test_bench_seeds_option_replaces_the_presets_seeds(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(bench_run, "run_bench", lambda tag, preset, **k: seen.update(preset))
+    assert main(["bench", "--full", "--seeds", "3-5", "--results", str(tmp_path)]) == 0
+    assert seen["seeds"] == [3, 4, 5]
+    assert main(["bench", "--quick", "--seeds", "0,7", "--results", str(tmp_path)]) == 0
+    assert seen["seeds"] == [0, 7]

@@ -61,6 +61,11 @@ def register(commands) -> None:
         help="comma-separated profile settings to run, as BACKBONE-SIZEpx-bBATCH "
         "(e.g. efficientnet_lite0-128px-b32; default: every one of the preset)",
     )
+    p.add_argument(
+        "--seeds",
+        default="",
+        help="seeds to train, as A-B or a comma list (default: the preset's; quick 0, full 0-2)",
+    )
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--report", type=Path, default=Path("docs/benchmark.md"))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -70,6 +75,7 @@ def register(commands) -> None:
 def _run(args) -> int:
     import torch
 
+    from da3.bench.common import parse_seeds
     from da3.bench.run import PRESETS, STAGES, profile_key, run_bench
     from da3.data import BENCHMARK_DOMAINS
     from da3.methods import get_method, parse_config
@@ -105,6 +111,8 @@ def _run(args) -> int:
                     + ", ".join(names)
                 )
         preset = {**preset, "profiles": [names[n] for n in wanted]}
+    if args.seeds:
+        preset = {**preset, "seeds": parse_seeds(args.seeds)}
     if args.threads:
         torch.set_num_threads(args.threads)
     tag = "custom" if overrides else args.preset

@@ -79,3 +79,20 @@ def save(results: Path, name: str, payload: dict, markdown: str) -> None:
     write_json(results / f"{name}.json", payload)
     write_text(results / f"{name}.md", markdown)
     print(f"wrote {results / name}.json and .md", flush=True)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-9"`` or ``"0,3,5"`` as a list of seeds; Da3Error on anything else."""
+    from da3.errors import Da3Error
+
+    try:
+        if "-" in text.strip("-"):
+            a, b = text.split("-")
+            seeds = list(range(int(a), int(b) + 1))
+        else:
+            seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0:
+        raise Da3Error(f"seeds {text!r}: expected A-B or a comma-separated list of seeds >= 0")
+    return seeds
