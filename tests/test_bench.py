@@ -285,3 +285,38 @@ def test_bench_seeds_option_replaces_the_presets_seeds(monkeypatch, tmp_path):
     assert seen["seeds"] == [3, 4, 5]
     assert main(["bench", "--quick", "--seeds", "0,7", "--results", str(tmp_path)]) == 0
     assert seen["seeds"] == [0, 7]
+
+
+def test_merge_script_never_rewrites_the_project_report_from_a_side_folder(bench, tmp_path):
+    import subprocess
+    import sys
+
+    _, domains, _, _ = bench
+    part = tmp_path / "job"
+    bench_run.run_bench(
+        "quick",
+        TINY,
+        methods=["linear"],
+        domains=domains[:1],
+        stages=("accuracy",),
+        results=part,
+        report=part / "r.md",
+    )
+    (tmp_path / "docs").mkdir()
+    sentinel = tmp_path / "docs" / "benchmark.md"
+    sentinel.write_text("mine\n")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_bench.py"
+    side = tmp_path / "side"
+    run = [sys.executable, str(script), "--tag", "quick", "--results", str(side), str(part)]
+    done = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sentinel.read_text() == "mine\n"
+    assert "| linear |" in (side / "benchmark.md").read_text()
+    bad = subprocess.run(
+        [*run[:-1], str(tmp_path / "nowhere")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 1 and "nowhere" in bad.stderr and "not found" in bad.stderr
