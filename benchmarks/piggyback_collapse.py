@@ -68,8 +68,7 @@ def markdown(info: dict, args: dict, runs: dict[str, list[dict]]) -> str:
         f"threshold {config.threshold:g}; validation loss on 256 validation images.",
         "",
         "| lr | first step with bits off | share of bits off then | val loss before | "
-        "highest val loss "
-        "after | val loss at the end | share off at the end |",
+        "highest val loss after | val loss at the end | share off at the end |",
         "|---|---|---|---|---|---|---|",
     ]
     for lr, rows in runs.items():
