@@ -620,12 +620,38 @@ def test_head_warmup_trains_the_head_alone_first(frozen):
         assert head and all(not torch.equal(after[k], before[k]) for k in head)
         moved = [k for k in after if k not in head and not torch.equal(after[k], before[k])]
         assert bool(moved) == adaptors_move, (warmup, moved)
+    # a warm-up given in steps trains the same as its fraction (1 of the 3 steps here)
+    runs = [{"head_warmup_steps": 1}, {"head_warmup": 0.3}, {}]
+    cfgs = [make_config("da3", {"blocks": "all", **o}) for o in runs]
+    states = [_fit(frozen, None, epochs=1, cfg=c)[0].domain_state() for c in cfgs]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
 
 
 def test_lr_schedule_holds_all_but_the_head_during_the_warmup():
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
     opt = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:]}], lr=1.0)
-    body, head = da3.train.lr_schedule(opt, 10, 0.3)
+    body, head = da3.train.lr_schedule(opt, 10, 3)
     assert [body(s) for s in range(3)] == [0.0] * 3 and body(3) == head(3) > 0
     assert head(0) == 1.0 and head(10) == 0.0
-    assert da3.train.lr_schedule(opt, 10, 0.0)[0](0) == 1.0
+    assert da3.train.lr_schedule(opt, 10, 0)[0](0) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("fraction", "steps", "total", "wait"),
+    [
+        (0.0, 0, 100, 0),
+        (0.3, 0, 10, 3),  # the fraction alone
+        (0.0, 16, 51, 16),  # the steps alone
+        (0.0, 16, 189, 16),  # ... the same count in a longer run
+        (0.0, 16, 30, 10),  # ... but at most a third of the run
+        (0.0, 16, 2, 0),
+        (0.5, 16, 100, 50),  # the longer of the two
+        (0.1, 16, 100, 16),
+    ],
+)
+def test_head_only_steps(fraction, steps, total, wait):
+    cfg = make_config("da3", {"head_warmup": fraction, "head_warmup_steps": steps})
+    assert da3.train.head_only_steps(cfg, total) == wait
+    # methods without the settings never wait
+    assert da3.train.head_only_steps(make_config("finetune"), total) == 0

@@ -63,7 +63,7 @@ def make_optimizer(model: AdaptedModel, config: MethodConfig) -> torch.optim.Opt
     """AdamW; the head in its own group (the last) when the config gives it its own learning
     rate or a head-only warm-up."""
     params = model.trainable_parameters()
-    if not config.head_lr and not config.head_warmup:
+    if not config.head_lr and not config.head_warmup and not config.head_warmup_steps:
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     head = {id(p) for p in model.head.parameters()}
     groups = [
@@ -207,15 +207,23 @@ def _lr_lambda(total_steps: int):
     return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, head_warmup: float) -> list:
+def head_only_steps(config: MethodConfig, total_steps: int) -> int:
+    """How many of the first steps only the head learns: ``head_warmup`` of ``total_steps``
+    or ``head_warmup_steps``, the longer, but the steps at most a third of the run (so a
+    short run still trains its adaptors for most of it)."""
+    by_fraction = round(config.head_warmup * total_steps)
+    by_steps = min(config.head_warmup_steps, total_steps // 3)
+    return max(by_fraction, by_steps)
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, wait: int) -> list:
     """Per parameter group, the factor on its learning rate at each step: cosine decay to zero
-    over ``total_steps``; with ``head_warmup`` > 0, every group but the head (the last, see
-    :func:`make_optimizer`) stays at zero for the first ``round(head_warmup * total_steps)``
-    steps, so the head learns alone first (then the cosine goes on where it is)."""
+    over ``total_steps``; with ``wait`` > 0, every group but the head (the last, see
+    :func:`make_optimizer`) stays at zero for the first ``wait`` steps, so the head learns
+    alone first (then the cosine goes on where it is)."""
     cosine = _lr_lambda(total_steps)
-    if not head_warmup or len(optimizer.param_groups) < 2:
+    if not wait or len(optimizer.param_groups) < 2:
         return [cosine] * len(optimizer.param_groups)
-    wait = round(head_warmup * total_steps)
 
     def after_warmup(step: int) -> float:
         return 0.0 if step < wait else cosine(step)
@@ -266,7 +274,7 @@ def fit(
     steps_per_epoch = math.ceil(len(train_images) / config.batch_size)
     total_steps = max(1, steps_per_epoch * config.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_schedule(optimizer, total_steps, method_config.head_warmup)
+        optimizer, lr_schedule(optimizer, total_steps, head_only_steps(method_config, total_steps))
     )
     train_cache = val_cache = None
     if config.cache_features:

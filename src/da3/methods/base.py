@@ -168,9 +168,11 @@ class MethodConfig:
         default=0.0, metadata={"help": "learning rate of the new head (0: the same as lr)"}
     )
 
-    # Fraction of the training steps during which only the head learns. Not a setting of
-    # every method (a class attribute, not a field): DA3Config makes it one.
+    # Fraction of the training steps, or number of steps, during which only the head learns
+    # (the longer of the two; see da3.train.head_only_steps). Not settings of every method
+    # (class attributes, not fields): DA3Config makes them ones.
     head_warmup = 0.0
+    head_warmup_steps = 0
 
     def __post_init__(self) -> None:
         self.check(lr=self.lr > 0, weight_decay=self.weight_decay >= 0, head_lr=self.head_lr >= 0)

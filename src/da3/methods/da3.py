@@ -50,6 +50,14 @@ class DA3Config(MethodConfig):
             "and gates wait, then follow the cosine decay from there); helps few-shot domains"
         },
     )
+    head_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "... or this many steps, whichever is longer (the steps at most a third of "
+            "the run): a short run on a small domain gets the head's head start, a long one "
+            "loses little"
+        },
+    )
     blocks: str = field(
         default="auto",
         metadata={
@@ -85,6 +93,7 @@ class DA3Config(MethodConfig):
             gate_weight=self.gate_weight >= 0,
             gate_init=True,
             head_warmup=0 <= self.head_warmup < 1,
+            head_warmup_steps=self.head_warmup_steps >= 0,
         )
 
 
