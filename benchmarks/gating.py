@@ -101,7 +101,9 @@ def main() -> None:
         state = ungated.domain_state()
         for t in targets:
             # the head is trained already: no head-only warm-up
-            config = make_config("da3", {"gates": True, "gate_target": t, "head_warmup": 0.0})
+            config = make_config(
+                "da3", {"gates": True, "gate_target": t, "head_warmup": 0.0, "head_warmup_steps": 0}
+            )
             torch.manual_seed(0)
             model = build_model("da3", frozen, len(data.classes), config)
             model.load_domain_state(state, strict=False)

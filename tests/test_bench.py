@@ -229,9 +229,11 @@ def test_bench_gating_follows_da3_config(bench, monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="stop here"):
         bench_run.run_bench("quick", TINY, report=report, **kw)
     assert seen[0].gates and seen[0].lr == make_config("da3").lr and seen[0].head_warmup == 0.0
+    assert seen[0].head_warmup_steps == 0  # the head is trained already
     with pytest.raises(RuntimeError, match="stop here"):
         bench_run.run_bench("quick", TINY, report=report, overrides={"da3": {"lr": 0.01}}, **kw)
     assert seen[1].gates and seen[1].lr == 0.01 and seen[1].head_warmup == 0.0
+    assert seen[1].head_warmup_steps == 0
 
 
 def test_bench_jobs_merge_into_one_result(bench, tmp_path):

@@ -613,19 +613,25 @@ def test_head_warmup_trains_the_head_alone_first(frozen):
     before = build_model("da3", frozen, 3, make_config("da3", {"blocks": "all"})).domain_state()
     # 1 epoch of 3 steps; a warm-up of 0.9 covers all of them, one of 0.3 the first only
     for warmup, adaptors_move in ((0.9, False), (0.3, True), (0.0, True)):
-        cfg = make_config("da3", {"blocks": "all", "head_warmup": warmup})
+        cfg = make_config("da3", {"blocks": "all", "head_warmup": warmup, "head_warmup_steps": 0})
         model, _ = _fit(frozen, None, epochs=1, cfg=cfg)
         after = model.domain_state()
         head = [k for k in after if k.startswith("head.")]
         assert head and all(not torch.equal(after[k], before[k]) for k in head)
         moved = [k for k in after if k not in head and not torch.equal(after[k], before[k])]
         assert bool(moved) == adaptors_move, (warmup, moved)
-    # a warm-up given in steps trains the same as its fraction (1 of the 3 steps here)
-    runs = [{"head_warmup_steps": 1}, {"head_warmup": 0.3}, {}]
+    # a warm-up given in steps trains the same as its fraction (1 of the 3 steps here), and
+    # so does the default (16 steps, cut to a third of this run)
+    runs = [
+        {"head_warmup_steps": 1},
+        {"head_warmup": 0.3, "head_warmup_steps": 0},
+        {},
+        {"head_warmup_steps": 0},
+    ]
     cfgs = [make_config("da3", {"blocks": "all", **o}) for o in runs]
     states = [_fit(frozen, None, epochs=1, cfg=c)[0].domain_state() for c in cfgs]
-    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
+    for other, same in ((1, True), (2, True), (3, False)):
+        assert all(torch.equal(states[0][k], states[other][k]) for k in states[0]) == same
 
 
 def test_lr_schedule_holds_all_but_the_head_during_the_warmup():

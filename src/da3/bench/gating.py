@@ -94,6 +94,7 @@ def run_gating(
                     "gates": True,
                     "gate_target": t,
                     "head_warmup": 0.0,
+                    "head_warmup_steps": 0,
                 },
             )
             torch.manual_seed(protocol["seed"])
