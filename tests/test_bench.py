@@ -323,3 +323,36 @@ def test_merge_script_never_rewrites_the_project_report_from_a_side_folder(bench
         timeout=300,
     )
     assert bad.returncode == 1 and "nowhere" in bad.stderr and "not found" in bad.stderr
+
+
+def test_paired_seeds_compares_seed_by_seed():
+    """benchmarks/paired_seeds.py: per-seed differences, only over the seeds both ran."""
+    import importlib.util
+    import statistics
+    import sys
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec = importlib.util.spec_from_file_location("paired_seeds", bench_dir / "paired_seeds.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench_dir))
+
+    def rec(method, seed, acc, domain="d"):
+        return {"method": method, "domain": domain, "seed": seed, "test_accuracy": acc}
+
+    records = [
+        rec("linear", 0, 0.50), rec("da3", 0, 0.52),
+        rec("linear", 1, 0.60), rec("da3", 1, 0.59),
+        rec("linear", 2, 0.40), rec("da3", 2, 0.40),
+        rec("linear", 3, 0.90),  # da3 did not run seed 3: left out
+        rec("da3", 0, 0.7, domain="only_da3"),
+    ]  # fmt: skip
+    (row,) = mod.compare(records, "linear", "da3")
+    assert row["domain"] == "d" and row["seeds"] == [0, 1, 2]
+    assert row["base_mean"] == pytest.approx(0.5) and row["other_mean"] == pytest.approx(1.51 / 3)
+    assert row["diff_points"] == pytest.approx((2 - 1 + 0) / 3)
+    assert (row["above"], row["level"], row["below"]) == (1, 1, 1)
+    assert row["diff_stderr"] == pytest.approx(statistics.stdev([2, -1, 0]) / 3**0.5)

@@ -51,11 +51,11 @@ class DA3Config(MethodConfig):
         },
     )
     head_warmup_steps: int = field(
-        default=16,
+        default=0,
         metadata={
             "help": "... or this many steps, whichever is longer (the steps at most a third of "
             "the run): the new head's head start, so the adaptors do not first learn through "
-            "a random head; a large part of a short run on a small domain, little of a long one"
+            "a random head; helps few-shot domains, costs domains far from the pretraining"
         },
     )
     blocks: str = field(
