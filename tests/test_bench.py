@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from da3.bench import run as bench_run
@@ -184,12 +185,19 @@ def test_bench_redoes_a_record_whose_method_config_changed(bench, monkeypatch, t
     acc = json.loads(path.read_text())
     stale = next(r for r in acc["records"] if r["method"] == "linear")
     stale["config"]["lr"] = 0.5  # as if it ran under another default
+    da3_recs = [r for r in acc["records"] if r["method"] == "da3"]
+    del da3_recs[0]["config"]["head_warmup_steps"]  # written before that setting existed
+    da3_recs[1]["config"]["gone"] = 1  # a setting that no longer exists
     path.write_text(json.dumps(acc))
     calls = []
 
+    class Trained:
+        def domain_state(self):
+            return {"w": torch.zeros(1)}
+
     def fake(frozen, method, overrides, data, protocol, **kw):
         calls.append((method, data.name))
-        return {"test_accuracy": 1.0, "train_seconds": 0.0}, None
+        return {"test_accuracy": 1.0, "train_seconds": 0.0}, Trained()
 
     monkeypatch.setattr("da3.bench.accuracy.train_one", fake)
     bench_run.run_bench(
@@ -201,7 +209,9 @@ def test_bench_redoes_a_record_whose_method_config_changed(bench, monkeypatch, t
         results=copy_dir,
         report=report,
     )
-    assert calls == [("linear", Path(stale["domain"]).name)]
+    assert sorted(calls) == sorted(
+        [("linear", Path(stale["domain"]).name), ("da3", Path(da3_recs[1]["domain"]).name)]
+    )
 
 
 def test_bench_gating_follows_da3_config(bench, monkeypatch, tmp_path):
@@ -356,3 +366,40 @@ def test_paired_seeds_compares_seed_by_seed():
     assert row["diff_points"] == pytest.approx((2 - 1 + 0) / 3)
     assert (row["above"], row["level"], row["below"]) == (1, 1, 1)
     assert row["diff_stderr"] == pytest.approx(statistics.stdev([2, -1, 0]) / 3**0.5)
+
+
+def test_bench_gating_keeps_results_from_before_a_new_setting(bench, monkeypatch, tmp_path):
+    """A DA3 setting added since the gating curve ran (its default keeps the old behaviour)
+    does not start the curve over; da3.bench.common.same_config."""
+    import json
+    import shutil
+
+    from da3.bench.common import same_config
+
+    _, domains, results, report = bench
+    copy_dir = tmp_path / "results"
+    shutil.copytree(results, copy_dir)
+    for name, drop in (("gating", "protocol"), ("accuracy", "records")):
+        path = copy_dir / f"bench_quick_{name}.json"
+        payload = json.loads(path.read_text())
+        if drop == "protocol":
+            del payload["protocol"]["da3_config"]["head_warmup_steps"]
+        else:
+            for r in payload["records"]:
+                r["config"].pop("head_warmup_steps", None)
+        path.write_text(json.dumps(payload))
+    before = (copy_dir / "bench_quick_gating.json").read_text()
+
+    def no_fit(*a, **k):
+        raise AssertionError("retrained")
+
+    monkeypatch.setattr("da3.bench.gating.fit_domain", no_fit)
+    monkeypatch.setattr("da3.bench.accuracy.train_one", no_fit)
+    kw = dict(methods=["da3"], domains=domains, results=copy_dir, report=report)
+    bench_run.run_bench("quick", TINY, stages=("accuracy", "gating"), **kw)
+    after = json.loads((copy_dir / "bench_quick_gating.json").read_text())
+    assert after["records"] == json.loads(before)["records"]
+    # the rule itself
+    cur = {"a": 1, "new": 0}
+    assert same_config({"a": 1}, cur) and same_config(cur, cur)
+    assert not same_config({"a": 2}, cur) and not same_config({"a": 1, "gone": 0}, cur)

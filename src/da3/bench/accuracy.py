@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from da3.backbones import create_backbone
+from da3.bench.common import same_config
 from da3.data import load_domain
 from da3.io import read_json, write_tensors
 from da3.methods import FrozenBackbone, build_model, make_config
@@ -93,10 +94,12 @@ def run_accuracy(
         if old.get("protocol") == protocol:
             records = old["records"]
     # A record counts as done only if the method's config is still the one it ran with (a
-    # changed default makes it stale).
+    # changed default makes it stale; a setting added since keeps it, see same_config).
     configs = {m: dataclasses.asdict(make_config(m, protocol["overrides"].get(m))) for m in methods}
     records = [
-        r for r in records if r["method"] not in configs or r["config"] == configs[r["method"]]
+        r
+        for r in records
+        if r["method"] not in configs or same_config(r["config"], configs[r["method"]])
     ]
     done = {(r["method"], r["domain"], r["seed"]) for r in records}
     todo = [(d, m, s) for d in domains for s in seeds for m in methods if (m, d, s) not in done]

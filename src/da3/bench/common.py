@@ -96,3 +96,22 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds or min(seeds) < 0:
         raise Da3Error(f"seeds {text!r}: expected A-B or a comma-separated list of seeds >= 0")
     return seeds
+
+
+def same_config(recorded: dict, current: dict) -> bool:
+    """Whether a result recorded under method config ``recorded`` still stands for
+    ``current``. A setting added to the method since the record was written counts as having
+    its current default: new settings are added with a default that keeps the old behaviour,
+    so results from before them stay valid. A changed value, or a setting that no longer
+    exists, makes the record stale."""
+    return {**current, **recorded} == current
+
+
+def same_gating_protocol(recorded: dict | None, current: dict) -> bool:
+    """:func:`same_config` for a gating protocol, which holds DA3's whole config."""
+    if not recorded or set(recorded) != set(current):
+        return False
+    rest = {k: v for k, v in recorded.items() if k != "da3_config"}
+    return rest == {k: v for k, v in current.items() if k != "da3_config"} and same_config(
+        recorded["da3_config"], current["da3_config"]
+    )

@@ -18,7 +18,7 @@ import torch
 from da3.backbones import create_backbone
 from da3.bench import gating as gating_mod
 from da3.bench.accuracy import run_accuracy, state_path, train_one
-from da3.bench.common import header, run_info, save
+from da3.bench.common import header, run_info, same_config, same_gating_protocol, save
 from da3.errors import Da3Error
 from da3.io import read_json, read_tensors
 from da3.methods import FrozenBackbone, build_model, list_methods, make_config
@@ -189,7 +189,7 @@ def run_bench(
         gprotocol = {**protocol, **preset["gating"], "da3_config": da3_config}
         path = results / f"bench_{tag}_gating.json"
         records = []
-        if path.is_file() and read_json(path).get("protocol") == gprotocol:
+        if path.is_file() and same_gating_protocol(read_json(path).get("protocol"), gprotocol):
             records = read_json(path)["records"]
         frozen = FrozenBackbone(
             create_backbone(protocol["backbone"], protocol["weights"]).to(device)
@@ -209,7 +209,7 @@ def run_bench(
             file = state_path(states, tag, "da3", domain, seed)
             if (
                 rec is not None
-                and rec["config"] == da3_config
+                and same_config(rec["config"], da3_config)
                 and file.is_file()
                 and acc.get("protocol") == protocol
             ):
