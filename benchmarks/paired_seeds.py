@@ -1,4 +1,5 @@
-"""One method against another, seed by seed, from a multi-seed ``da3 bench`` accuracy file.
+"""One method against another, seed by seed, from a multi-seed ``da3 bench`` accuracy file
+(or a ``benchmarks/sweep.py`` file, whose runs count as methods).
 
     python benchmarks/paired_seeds.py benchmarks/results/quick_10seeds/bench_quick_accuracy.json \\
         --base linear --other da3 --out paired_quick_10seeds
@@ -20,11 +21,14 @@ from common import header, run_info, save
 from da3.io import read_json
 
 
-def compare(records: list[dict], base: str, other: str) -> list[dict]:
+def compare(records: list[dict], base: str, other: str, domain: str = "") -> list[dict]:
+    """Per domain; a record without a domain (a sweep's) is on ``domain``, and its ``run``
+    names its method."""
     acc: dict[tuple[str, str], dict[int, float]] = {}
     for r in records:
-        acc.setdefault((r["method"], r["domain"]), {})[r["seed"]] = r["test_accuracy"]
-    domains = list(dict.fromkeys(r["domain"] for r in records))
+        key = (r.get("method", r.get("run")), r.get("domain", domain))
+        acc.setdefault(key, {})[r["seed"]] = r["test_accuracy"]
+    domains = list(dict.fromkeys(d for _, d in acc))
     rows = []
     for d in domains:
         a, b = acc.get((base, d), {}), acc.get((other, d), {})
@@ -80,13 +84,13 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     data = read_json(args.results)
-    rows = compare(data["records"], args.base, args.other)
+    rows = compare(data["records"], args.base, args.other, data["protocol"].get("domain", ""))
     if not rows:
         raise SystemExit(f"{args.results}: no seed where both {args.base} and {args.other} ran")
     info = run_info()
     source = args.results.as_posix()
     configs = {
-        m: next(r["config"] for r in data["records"] if r["method"] == m)
+        m: next(r["config"] for r in data["records"] if r.get("method", r.get("run")) == m)
         for m in (args.base, args.other)
     }
     payload = {

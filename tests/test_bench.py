@@ -366,6 +366,12 @@ def test_paired_seeds_compares_seed_by_seed():
     assert row["diff_points"] == pytest.approx((2 - 1 + 0) / 3)
     assert (row["above"], row["level"], row["below"]) == (1, 1, 1)
     assert row["diff_stderr"] == pytest.approx(statistics.stdev([2, -1, 0]) / 3**0.5)
+    # a sweep's records: runs for methods, the domain from its protocol
+    sweep = [{"run": r["method"], **r} for r in records if r["domain"] == "d"]
+    for r in sweep:
+        del r["method"], r["domain"]
+    (srow,) = mod.compare(sweep, "linear", "da3", domain="clipart")
+    assert srow["domain"] == "clipart" and srow["diff_points"] == row["diff_points"]
 
 
 def test_bench_gating_keeps_results_from_before_a_new_setting(bench, monkeypatch, tmp_path):
