@@ -53,9 +53,10 @@ class DA3Config(MethodConfig):
     head_warmup_steps: int = field(
         default=0,
         metadata={
-            "help": "... or this many steps, whichever is longer (the steps at most a third of "
-            "the run): the new head's head start, so the adaptors do not first learn through "
-            "a random head; helps few-shot domains, costs domains far from the pretraining"
+            "help": "number of first steps in which only the head learns (at most a third of "
+            "the run; the longer of this and head_warmup counts), so the adaptors do not "
+            "first learn through a random head; helps few-shot domains, costs domains far "
+            "from the pretraining"
         },
     )
     blocks: str = field(
