@@ -1,13 +1,14 @@
 """Why Piggyback's training can collapse: the loss and the share of mask bits turned off, step
 by step, on digits at 128 px (the `da3 bench --full` setting where two of three seeds fell to
-chance), for a few learning rates of the mask scores.
+chance with masks alone), for a few learning rates of the mask scores, with and without the
+learned per-channel shift (``shift_lr``; 0: masks alone, as before it existed).
 
-    python benchmarks/piggyback_collapse.py --lrs 2e-4 1e-4 --steps 70
+    python benchmarks/piggyback_collapse.py --lrs 2e-4 1e-4 --shift-lrs 0 1e-3 --steps 150
 
 Every score starts at the same value above the threshold and AdamW moves a score by about the
 learning rate a step whatever its gradient's size, so every score whose gradient keeps one sign
 crosses the threshold at the same step, (score_init - threshold) / lr: a synchronized flip of
-many bits at once. Constant learning rate here (the cosine barely moves in the first 70 of 630
+many bits at once. Constant learning rate here (the cosine barely moves in the first 150 of 630
 steps); validation loss on 256 validation images after every step.
 """
 
@@ -27,15 +28,17 @@ from da3.methods import FrozenBackbone, build_model, make_config
 from da3.train import augment_batch, make_optimizer
 
 
-def trace(frozen, data, lr: float, steps: int, seed: int) -> list[dict]:
+def trace(
+    frozen, data, lr: float, shift_lr: float, steps: int, seed: int, device: str
+) -> list[dict]:
     torch.manual_seed(seed)
-    config = make_config("piggyback", {"lr": lr})
-    model = build_model("piggyback", frozen, len(data.classes), config)
+    config = make_config("piggyback", {"lr": lr, "shift_lr": shift_lr})
+    model = build_model("piggyback", frozen, len(data.classes), config).to(device)
     optimizer = make_optimizer(model, config)
     pre = frozen.stock.preprocess
     masked = [m for m in model.modules() if hasattr(m, "scores")]
     total = sum(m.scores.numel() for m in masked)
-    xv, yv = pre(data.val.images[:256]), data.val.labels[:256]
+    xv, yv = pre(data.val.images[:256]).to(device), data.val.labels[:256].to(device)
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data.train.images), generator=g)
     rows = []
@@ -43,9 +46,8 @@ def trace(frozen, data, lr: float, steps: int, seed: int) -> list[dict]:
         i = ((step - 1) * 32) % (len(order) - 32)
         idx = order[i : i + 32]
         model.train()
-        loss = F.cross_entropy(
-            model(pre(augment_batch(data.train.images[idx], g))), data.train.labels[idx]
-        )
+        x = pre(augment_batch(data.train.images[idx], g)).to(device)
+        loss = F.cross_entropy(model(x), data.train.labels[idx].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -55,7 +57,9 @@ def trace(frozen, data, lr: float, steps: int, seed: int) -> list[dict]:
         off = sum(int((~m.mask()).sum()) for m in masked) / total
         rows.append({"step": step, "train_loss": loss.item(), "val_loss": val, "bits_off": off})
         print(
-            f"lr {lr:g} step {step}: loss {loss.item():.3f} val {val:.3f} off {off:.4f}", flush=True
+            f"lr {lr:g} shift_lr {shift_lr:g} step {step}: loss {loss.item():.3f} "
+            f"val {val:.3f} off {off:.4f}",
+            flush=True,
         )
     return rows
 
@@ -65,13 +69,17 @@ def markdown(info: dict, args: dict, runs: dict[str, list[dict]]) -> str:
     lines = [
         f"Piggyback on digits, efficientnet_lite0 (imagenet), {args['image_size']} px, batch 32, "
         f"seed {args['seed']}, constant learning rate; scores start at {config.score_init:g}, "
-        f"threshold {config.threshold:g}; validation loss on 256 validation images.",
+        f"threshold {config.threshold:g}; validation loss on 256 validation images. shift_lr: "
+        "the learning rate of the per-channel shift (0: masks alone).",
         "",
-        "| lr | first step with bits off | share of bits off then | val loss before | "
+        "| lr | shift_lr | first step with bits off | share of bits off then | val loss before | "
         "highest val loss after | val loss at the end | share off at the end |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for lr, rows in runs.items():
+    for key, rows in runs.items():
+        # keys "LR" (runs from before shift_lr existed: masks alone) or "LR/SHIFT_LR"
+        lr, _, shift_lr = key.partition("/")
+        lr = f"{lr} | {shift_lr or 0}"
         first = next((r for r in rows if r["bits_off"] > 0), None)
         if first is None:
             lines.append(
@@ -94,7 +102,9 @@ def markdown(info: dict, args: dict, runs: dict[str, list[dict]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lrs", nargs="+", type=float, default=[2e-4, 1e-4])
-    ap.add_argument("--steps", type=int, default=70)
+    ap.add_argument("--shift-lrs", nargs="+", type=float, default=[0.0, 1e-3])
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
@@ -105,11 +115,17 @@ def main() -> None:
         save("piggyback_collapse", old, markdown(old["info"], old["args"], old["runs"]))
         return
     torch.set_num_threads(args.threads)
-    info = run_info()
+    info = run_info(args.device)
     t0 = time.perf_counter()
-    frozen = FrozenBackbone(create_backbone("efficientnet_lite0", "imagenet"))
+    frozen = FrozenBackbone(create_backbone("efficientnet_lite0", "imagenet").to(args.device))
     data = load_domain("digits", image_size=args.image_size)
-    runs = {f"{lr:g}": trace(frozen, data, lr, args.steps, args.seed) for lr in args.lrs}
+    runs = {
+        f"{lr:g}/{shift_lr:g}": trace(
+            frozen, data, lr, shift_lr, args.steps, args.seed, args.device
+        )
+        for lr in args.lrs
+        for shift_lr in args.shift_lrs
+    }
     info["stage_seconds"] = {"trace": round(time.perf_counter() - t0, 1)}
     md = markdown(info, vars(args), runs)
     save("piggyback_collapse", {"info": info, "args": vars(args), "runs": runs}, md)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -23,8 +24,9 @@ from torch import nn
 
 from da3.backbones import create_backbone
 from da3.backbones.efficientnet_lite import Conv2dSame
+from da3.domains import DomainStore, MultiDomainModel
 from da3.errors import Da3Error
-from da3.io import read_tensors, write_tensors
+from da3.io import read_json, read_tensors, write_json, write_tensors
 from da3.lean import LeanConv2d
 from da3.memory import analytical_floor_bytes, saved_activation_bytes
 from da3.methods import FrozenBackbone, build_model, make_config
@@ -168,18 +170,22 @@ def test_piggyback_gradients_equal_stock_straight_through_reference(backbone):
     with torch.no_grad():  # about 10% of the bits 0, scores spread around the threshold
         for m in masked:
             m.scores.copy_(m.threshold + (torch.rand(m.scores.shape, generator=g) - 0.1) * 0.05)
+            m.shift.copy_(torch.randn(m.shift.shape, generator=g, dtype=m.shift.dtype) * 0.1)
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
 
     # The reference: stock convolutions (raw weights, batch norm after them) whose weight is
-    # W * m, with m = 1[s > t] and the straight-through d m / d s = 1.
+    # W * m, with m = 1[s > t] and the straight-through d m / d s = 1; the shift adds to the
+    # batch norm's beta.
     scores = [m.scores.detach().clone().requires_grad_(True) for m in masked]
+    shifts = [m.shift.detach().clone().requires_grad_(True) for m in masked]
     names = {id(c): n for n, c in frozen.stock.named_modules()}
     weights = {}
-    for s, m, (conv, _) in zip(scores, masked, pairs, strict=True):
+    for s, b, m, (conv, bn) in zip(scores, shifts, masked, pairs, strict=True):
         assert conv.weight.shape == s.shape
         hard = (s > m.threshold).to(s.dtype)
         weights[f"backbone.{names[id(conv)]}.weight"] = conv.weight * (hard + s - s.detach())
+        weights[f"backbone.{names[id(bn)]}.bias"] = bn.bias + b
     head = nn.Linear(frozen.feature_dim, CLASSES).double()
     head.load_state_dict(model.head.state_dict())
     feats = torch.func.functional_call(_StockFeatures(frozen.stock), weights, (x,))
@@ -193,6 +199,9 @@ def test_piggyback_gradients_equal_stock_straight_through_reference(backbone):
         assert float(s.grad.norm()) > 0, i
         # measured in float64: ~1e-14
         assert rel_err(m.scores.grad, s.grad) < 1e-9, (i, rel_err(m.scores.grad, s.grad))
+    for i, (m, b) in enumerate(zip(masked, shifts, strict=True)):
+        assert float(b.grad.norm()) > 0, i
+        assert rel_err(m.shift.grad, b.grad) < 1e-9, (i, rel_err(m.shift.grad, b.grad))
     assert rel_err(model.head.weight.grad, head.weight.grad) < 1e-9
 
 
@@ -325,6 +334,8 @@ def random_masks(model, seed: int = 3, zeros: float = 0.2) -> None:
     with torch.no_grad():
         for m in wrappers(model, MaskedConv2d):
             m.scores.copy_(torch.where(torch.rand(m.scores.shape, generator=g) < zeros, 0, 2e-2))
+            if m.shift is not None:
+                m.shift.copy_(torch.randn(m.shift.shape, generator=g) * 0.1)
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
@@ -338,15 +349,21 @@ def test_piggyback_file_holds_one_bit_per_weight_and_reloads_bit_identically(bac
     masked = {n: m for n, m in model.named_modules() if isinstance(m, MaskedConv2d)}
     conv_weights = sum(c.weight.numel() for c, _ in stock_convs(frozen.stock))
     assert sum(m.weight.numel() for m in masked.values()) == conv_weights
-    assert set(state) == {f"{n}.mask" for n in masked} | {"head.weight", "head.bias"}
+    assert set(state) == {f"{n}.{k}" for n in masked for k in ("mask", "shift")} | {
+        "head.weight",
+        "head.bias",
+    }
     for n, m in masked.items():
         assert state[f"{n}.mask"].dtype == torch.uint8
         assert state[f"{n}.mask"].numel() == math.ceil(m.weight.numel() / 8)
+        assert state[f"{n}.shift"].shape == (m.weight.shape[0],)
     mask_bytes = sum(v.nbytes for k, v in state.items() if k.endswith(".mask"))
     assert mask_bytes < conv_weights / 8 + len(masked)  # 1 bit per weight, rounded per layer
+    shift_bytes = sum(4 * m.weight.shape[0] for m in masked.values())  # one float per channel
     path = tmp_path / "d.safetensors"
     write_tensors(path, state)
-    assert path.stat().st_size < mask_bytes + 4 * (frozen.feature_dim + 1) * CLASSES + 40_000
+    head_bytes = 4 * (frozen.feature_dim + 1) * CLASSES
+    assert path.stat().st_size < mask_bytes + shift_bytes + head_bytes + 40_000
 
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(7)
@@ -430,6 +447,47 @@ def test_piggyback_default_learning_rate_flips_bits_in_a_few_steps():
 def test_piggyback_config_is_checked():
     with pytest.raises(Da3Error, match="score_init"):
         make_config("piggyback", {"score_init": 1e-3, "threshold": 5e-3})
+    with pytest.raises(Da3Error, match="shift_lr"):
+        make_config("piggyback", {"shift_lr": -1e-3})
+
+
+def test_piggyback_shift_learns_at_its_own_rate_and_can_be_off():
+    frozen = frozen_backbone("resnet18")
+    model = build_model("piggyback", frozen, CLASSES)
+    cfg = make_config("piggyback")
+    groups = make_optimizer(model, cfg).param_groups
+    shifts = {id(m.shift) for m in wrappers(model, MaskedConv2d)}
+    scores = {id(m.scores) for m in wrappers(model, MaskedConv2d)}
+    assert [g["lr"] for g in groups] == [cfg.lr, cfg.shift_lr, cfg.head_lr]
+    assert {id(p) for p in groups[0]["params"]} == scores
+    assert {id(p) for p in groups[1]["params"]} == shifts
+    assert {id(p) for p in groups[2]["params"]} == {id(p) for p in model.head.parameters()}
+    # shift_lr=0: the masks alone, as before the shift existed (no shift in the domain state)
+    off = build_model("piggyback", frozen, CLASSES, make_config("piggyback", {"shift_lr": 0}))
+    assert all(m.shift is None for m in wrappers(off, MaskedConv2d))
+    assert not any(k.endswith(".shift") for k in off.domain_state())
+    assert len(make_optimizer(off, make_config("piggyback", {"shift_lr": 0})).param_groups) == 2
+
+
+def test_piggyback_file_from_before_the_shift_loads_as_masks_alone(tmp_path):
+    """A domain file written before ``shift_lr`` existed (its config has no such key, its
+    state no shifts) loads as what it was: masks alone (PiggybackConfig.legacy)."""
+    backbone = create_backbone("resnet18", "none")
+    old = MultiDomainModel(backbone)
+    cfg = asdict(make_config("piggyback", {"shift_lr": 0}))
+    d = old.add_domain("old", ["a", "b", "c"], "piggyback", cfg, image_size=32)
+    random_masks(d.model)
+    store = DomainStore(tmp_path)
+    old.save("old", store)
+    meta = read_json(store.paths("old")[1])
+    meta["config"].pop("shift_lr")  # as the file was written then
+    write_json(store.paths("old")[1], meta)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    new = MultiDomainModel(backbone)
+    loaded = new.load("old", store)
+    assert loaded.config.shift_lr == 0
+    with torch.no_grad():
+        assert torch.equal(loaded.model.eval()(x), d.model.eval()(x))
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from PIL import Image
 from da3.bench import run as bench_run
 from da3.bench.report import BEGIN, END
 from da3.cli import main
-from da3.io import read_json
+from da3.io import read_json, write_json
 from da3.methods import make_config
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
@@ -409,3 +409,49 @@ def test_bench_gating_keeps_results_from_before_a_new_setting(bench, monkeypatch
     cur = {"a": 1, "new": 0}
     assert same_config({"a": 1}, cur) and same_config(cur, cur)
     assert not same_config({"a": 2}, cur) and not same_config({"a": 1, "gone": 0}, cur)
+
+
+def test_a_setting_whose_default_changed_behaviour_makes_old_records_stale():
+    """piggyback's shift_lr came with a default that changes the method; records from before
+    it (no such key) stand for shift_lr=0 (PiggybackConfig.legacy), not for the default."""
+    import dataclasses
+
+    from da3.bench.common import same_config
+
+    now = dataclasses.asdict(make_config("piggyback"))
+    before = {k: v for k, v in now.items() if k != "shift_lr"}
+    assert not same_config(before, now, "piggyback")
+    masks_alone = dataclasses.asdict(make_config("piggyback", {"shift_lr": 0}))
+    assert same_config(before, masks_alone, "piggyback")
+    assert same_config(now, now, "piggyback")
+    # a method without legacy values: a new key counts as its default, as before
+    da3 = dataclasses.asdict(make_config("da3"))
+    assert same_config({k: v for k, v in da3.items() if k != "head_warmup_steps"}, da3, "da3")
+
+
+def test_merge_leaves_out_stale_records(bench, tmp_path):
+    """A record in the results folder whose config is no longer the method's is replaced by
+    a job's new one instead of stopping the merge as a conflict."""
+    from da3.bench.merge import merge_accuracy
+
+    _, domains, _, _ = bench
+    part = tmp_path / "job"
+    bench_run.run_bench(
+        "quick",
+        TINY,
+        methods=["linear"],
+        domains=domains[:1],
+        stages=("accuracy",),
+        results=part,
+        report=part / "r.md",
+    )
+    fresh = read_json(part / "bench_quick_accuracy.json")
+    old = copy.deepcopy(fresh)
+    for r in old["records"]:
+        r["config"]["lr"] = 123.0  # trained under a default that has changed since
+        r["test_accuracy"] = -1.0
+    out = tmp_path / "results"
+    out.mkdir()
+    write_json(out / "bench_quick_accuracy.json", old)
+    records = merge_accuracy([part], out, "quick")
+    assert [r["test_accuracy"] for r in records] == [r["test_accuracy"] for r in fresh["records"]]

@@ -165,7 +165,7 @@ OWN_KEYS = {
     "da3": lambda k: ".adaptor." in k or ".gate." in k,
     "tinytl": lambda k: ".lite." in k or k.endswith(".bias"),
     "udta": lambda k: k.startswith(("features.side.", "features.side_out.")),
-    "piggyback": lambda k: k.endswith(".mask"),
+    "piggyback": lambda k: k.endswith((".mask", ".shift")),
     "series_adapter": lambda k: ".dbn." in k or ".adapter." in k,
     "parallel_adapter": lambda k: ".dbn." in k or ".adapter." in k,
     "finetune": lambda k: True,

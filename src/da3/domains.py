@@ -32,7 +32,14 @@ from da3 import __version__
 from da3.backbones import Backbone, create_backbone
 from da3.errors import Da3Error
 from da3.io import read_json, read_tensors, write_json, write_tensors
-from da3.methods import AdaptedModel, FrozenBackbone, MethodConfig, build_model, parse_config
+from da3.methods import (
+    AdaptedModel,
+    FrozenBackbone,
+    MethodConfig,
+    build_model,
+    parse_config,
+    with_legacy,
+)
 
 FORMAT = "da3-domain"
 FORMAT_VERSION = 1
@@ -312,8 +319,10 @@ class MultiDomainModel:
             )
         previous = self.domains.pop(name, None)  # put back if the new one fails to load
         try:
+            # a file from before a setting existed reads as what the method did then
+            config = with_legacy(meta["method"], meta["config"])
             domain = self.add_domain(
-                name, meta["classes"], meta["method"], meta["config"], meta.get("image_size", 96)
+                name, meta["classes"], meta["method"], config, meta.get("image_size", 96)
             )
             domain.model.load_domain_state(tensors)
         except Da3Error as err:

@@ -60,15 +60,21 @@ class TrainConfig:
 
 
 def make_optimizer(model: AdaptedModel, config: MethodConfig) -> torch.optim.Optimizer:
-    """AdamW; the head in its own group (the last) when the config gives it its own learning
-    rate or a head-only warm-up."""
+    """AdamW; parameters with a rate of their own (:meth:`AdaptedModel.param_lrs`) in groups
+    of their own, and the head in its own group (the last) when the config gives it its own
+    learning rate or a head-only warm-up, or there are such groups."""
     params = model.trainable_parameters()
-    if not config.head_lr and not config.head_warmup and not config.head_warmup_steps:
+    own = [([p for p in ps if p.requires_grad], lr) for ps, lr in model.param_lrs(config)]
+    if not own and not config.head_lr and not config.head_warmup and not config.head_warmup_steps:
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    head = {id(p) for p in model.head.parameters()}
+    apart = {id(p) for p in model.head.parameters()} | {id(p) for ps, _ in own for p in ps}
     groups = [
-        {"params": [p for p in params if id(p) not in head]},
-        {"params": [p for p in params if id(p) in head], "lr": config.head_lr or config.lr},
+        {"params": [p for p in params if id(p) not in apart]},
+        *({"params": ps, "lr": lr} for ps, lr in own),
+        {
+            "params": [p for p in model.head.parameters() if p.requires_grad],
+            "lr": config.head_lr or config.lr,
+        },
     ]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)

@@ -99,7 +99,7 @@ def run_accuracy(
     records = [
         r
         for r in records
-        if r["method"] not in configs or same_config(r["config"], configs[r["method"]])
+        if r["method"] not in configs or same_config(r["config"], configs[r["method"]], r["method"])
     ]
     done = {(r["method"], r["domain"], r["seed"]) for r in records}
     todo = [(d, m, s) for d in domains for s in seeds for m in methods if (m, d, s) not in done]

@@ -12,6 +12,7 @@ import torch
 
 from da3 import __version__
 from da3.io import write_json, write_text
+from da3.methods import with_legacy
 
 
 def _git(where: Path, *args: str) -> str:
@@ -98,12 +99,15 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def same_config(recorded: dict, current: dict) -> bool:
+def same_config(recorded: dict, current: dict, method: str | None = None) -> bool:
     """Whether a result recorded under method config ``recorded`` still stands for
     ``current``. A setting added to the method since the record was written counts as having
-    its current default: new settings are added with a default that keeps the old behaviour,
-    so results from before them stay valid. A changed value, or a setting that no longer
-    exists, makes the record stale."""
+    its current default (new settings are added with a default that keeps the old
+    behaviour), unless the method (given ``method``) names the value it had before in
+    ``legacy``: then it counts as that (see da3.methods.with_legacy). A changed value, or a
+    setting that no longer exists, makes the record stale."""
+    if method is not None:
+        recorded = with_legacy(method, recorded)
     return {**current, **recorded} == current
 
 

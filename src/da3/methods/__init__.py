@@ -21,6 +21,7 @@ from da3.methods.base import (
     make_config,
     parse_config,
     register_method,
+    with_legacy,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "make_config",
     "parse_config",
     "register_method",
+    "with_legacy",
 ]

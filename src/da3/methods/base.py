@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -114,6 +115,11 @@ class AdaptedModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def param_lrs(self, config: MethodConfig) -> list[tuple[list[nn.Parameter], float]]:
+        """Trainable parameters (not the head's) that learn at their own rate, as
+        (parameters, learning rate) groups; the others learn at ``config.lr``."""
+        return []
+
     def domain_state(self) -> dict[str, torch.Tensor]:
         """The tensors that make up this domain (nothing of the shared backbone)."""
         return {
@@ -174,6 +180,11 @@ class MethodConfig:
     head_warmup = 0.0
     head_warmup_steps = 0
 
+    # Settings added after results and domain files were written whose default changes what
+    # the method does, with the value that reproduces what it did before (see
+    # :func:`with_legacy`). A setting whose default keeps the old behaviour needs no entry.
+    legacy: ClassVar[dict[str, object]] = {}
+
     def __post_init__(self) -> None:
         self.check(lr=self.lr > 0, weight_decay=self.weight_decay >= 0, head_lr=self.head_lr >= 0)
 
@@ -214,6 +225,12 @@ def get_method(name: str) -> MethodEntry:
     if name not in _METHODS:
         raise Da3Error(f"unknown method {name!r}; choose from {', '.join(_METHODS)}")
     return _METHODS[name]
+
+
+def with_legacy(method: str, recorded: dict) -> dict:
+    """A config as recorded (in a result or a domain file), completed with the values that
+    settings added since then had before they existed (:attr:`MethodConfig.legacy`)."""
+    return {**get_method(method).config_class.legacy, **recorded}
 
 
 def make_config(method: str, overrides: dict | None = None) -> MethodConfig:

@@ -7,6 +7,16 @@ with ``W * m``. Scores start at 1e-2 above a threshold of 5e-3 (every bit 1: the
 starts as the pretrained one). The threshold's gradient is taken as the identity (straight
 through), so ``dL/ds = dL/dm = dL/d(W*m) * W``. A task stores one bit per weight.
 
+The paper also learns each task's batch-norm parameters on networks that have them; here
+every masked convolution learns a per-channel shift (its batch norm's beta, added to the
+folded bias; ``shift_lr``), its scale stays frozen. Without it, training on this project's
+backbones can collapse: the scores that one sign of gradient pushes down all reach the
+threshold within a few steps (AdamW moves each by about the learning rate a step), tens of
+thousands of bits turn off at once, the frozen batch-norm statistics no longer fit, and the
+loss goes to chance and stays there (``benchmarks/piggyback_collapse.py``). With a learned
+shift the network recovers from that step. The shift's gradient needs nothing kept (a sum
+of the output gradient), so it costs no memory for backward.
+
 Our choices: the masks cover every convolution of the backbone (stem, blocks, shortcuts,
 neck), whose eval-mode batch norm is folded into the weight as on the lean engine. Masking
 the folded weight ``W * a`` (``a`` one scale per output channel) computes the same function
@@ -49,10 +59,22 @@ class PiggybackConfig(MethodConfig):
     threshold: float = field(
         default=5e-3, metadata={"help": "a mask bit is 1 where its score is above this"}
     )
+    shift_lr: float = field(
+        default=1e-3,
+        metadata={
+            "help": "learning rate of every masked convolution's per-channel shift (its batch "
+            "norm's beta, learned per domain; 0: frozen, masks alone)"
+        },
+    )
+
+    # Results and domain files from before shift_lr existed trained no shift.
+    legacy = {"shift_lr": 0.0}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.check(score_init=self.score_init > self.threshold, threshold=True)
+        self.check(
+            score_init=self.score_init > self.threshold, threshold=True, shift_lr=self.shift_lr >= 0
+        )
 
 
 class _MaskedConv2dFn(Function):
@@ -75,7 +97,7 @@ class _MaskedConv2dFn(Function):
         x, scores, weight = ctx.saved_tensors
         threshold, pad, stride, padding, dilation, groups = ctx.conf
         xp = F.pad(x, pad) if any(pad) else x
-        grad_x = grad_scores = None
+        grad_x = grad_scores = grad_bias = None
         if ctx.needs_input_grad[0]:
             w = weight * (scores > threshold)
             grad_xp = torch.nn.grad.conv2d_input(
@@ -89,22 +111,26 @@ class _MaskedConv2dFn(Function):
                 xp, weight.shape, grad, stride, padding, dilation, groups
             )
             grad_scores = grad_w * weight  # d(W*m)/dm = W; the threshold passes straight
-        return grad_x, grad_scores, None, None, None, None, None, None, None, None
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad.sum((0, 2, 3))
+        return grad_x, grad_scores, None, grad_bias, None, None, None, None, None, None
 
 
 class MaskedConv2d(nn.Module):
     """A frozen lean convolution whose weight is masked by the domain's binary mask.
 
     ``weight`` and ``bias`` are the shared lean convolution's own tensors (batch norm folded
-    in); ``scores`` (the weight's shape) is the domain's, trained. The frozen bias does not
-    train.
+    in); ``scores`` (the weight's shape) is the domain's, trained, and so is ``shift`` (one
+    per output channel, added to the frozen bias) when ``train_shift``.
     """
 
     # Tells da3.memory.analytical_floor_bytes that this layer's trainable tensor (the scores)
     # needs the layer's input for its gradient.
     grad_needs_input = True
 
-    def __init__(self, conv: LeanConv2d, score_init: float, threshold: float) -> None:
+    def __init__(
+        self, conv: LeanConv2d, score_init: float, threshold: float, train_shift: bool = False
+    ) -> None:
         super().__init__()
         self.register_buffer("weight", conv.weight)
         self.register_buffer("bias", conv.bias.detach())
@@ -112,6 +138,10 @@ class MaskedConv2d(nn.Module):
         self.dilation, self.groups, self.same_pad = conv.dilation, conv.groups, conv.same_pad
         self.score_init, self.threshold = score_init, threshold
         self.scores = nn.Parameter(torch.full_like(conv.weight, score_init))
+        self.shift = nn.Parameter(torch.zeros_like(self.bias)) if train_shift else None
+
+    def _bias(self) -> torch.Tensor:
+        return self.bias if self.shift is None else self.bias + self.shift
 
     def mask(self) -> torch.Tensor:
         return self.scores.detach() > self.threshold
@@ -138,12 +168,14 @@ class MaskedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pad = self._pad(x)
-        if torch.is_grad_enabled() and (x.requires_grad or self.scores.requires_grad):
+        bias = self._bias()
+        grads = x.requires_grad or bias.requires_grad or self.scores.requires_grad
+        if torch.is_grad_enabled() and grads:
             return _MaskedConv2dFn.apply(
                 x,
                 self.scores,
                 self.weight,
-                self.bias,
+                bias,
                 self.threshold,
                 pad,
                 self.stride,
@@ -153,7 +185,7 @@ class MaskedConv2d(nn.Module):
             )
         w = self.weight * self.mask()
         xp = F.pad(x, pad) if any(pad) else x
-        return F.conv2d(xp, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(xp, w, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         o, i, kh, kw = self.weight.shape
@@ -168,7 +200,8 @@ def mask_convolutions(module: nn.Module, config: PiggybackConfig) -> int:
     n = 0
     for name, child in module.named_children():
         if isinstance(child, LeanConv2d):
-            setattr(module, name, MaskedConv2d(child, config.score_init, config.threshold))
+            masked = MaskedConv2d(child, config.score_init, config.threshold, config.shift_lr > 0)
+            setattr(module, name, masked)
             n += 1
         else:
             n += mask_convolutions(child, config)
@@ -184,6 +217,10 @@ class PiggybackModel(AdaptedModel):
 
     def masked_convs(self) -> dict[str, MaskedConv2d]:
         return {n: m for n, m in self.named_modules() if isinstance(m, MaskedConv2d)}
+
+    def param_lrs(self, config: PiggybackConfig) -> list[tuple[list[nn.Parameter], float]]:
+        shifts = [m.shift for m in self.masked_convs().values() if m.shift is not None]
+        return [(shifts, config.shift_lr)] if shifts else []
 
     def training_state(self) -> dict[str, torch.Tensor]:
         return AdaptedModel.domain_state(self)
