@@ -299,12 +299,9 @@ def test_bench_seeds_option_replaces_the_presets_seeds(monkeypatch, tmp_path):
     assert seen["seeds"] == [0, 7]
 
 
-def test_merge_script_never_rewrites_the_project_report_from_a_side_folder(bench, tmp_path):
-    import subprocess
-    import sys
-
+def _linear_job(bench, part: Path) -> Path:
+    """One bench job: ``linear`` on the first test domain, accuracy only, in ``part``."""
     _, domains, _, _ = bench
-    part = tmp_path / "job"
     bench_run.run_bench(
         "quick",
         TINY,
@@ -314,6 +311,14 @@ def test_merge_script_never_rewrites_the_project_report_from_a_side_folder(bench
         results=part,
         report=part / "r.md",
     )
+    return part
+
+
+def test_merge_script_never_rewrites_the_project_report_from_a_side_folder(bench, tmp_path):
+    import subprocess
+    import sys
+
+    part = _linear_job(bench, tmp_path / "job")
     (tmp_path / "docs").mkdir()
     sentinel = tmp_path / "docs" / "benchmark.md"
     sentinel.write_text("mine\n")
@@ -434,17 +439,7 @@ def test_merge_leaves_out_stale_records(bench, tmp_path):
     a job's new one instead of stopping the merge as a conflict."""
     from da3.bench.merge import merge_accuracy
 
-    _, domains, _, _ = bench
-    part = tmp_path / "job"
-    bench_run.run_bench(
-        "quick",
-        TINY,
-        methods=["linear"],
-        domains=domains[:1],
-        stages=("accuracy",),
-        results=part,
-        report=part / "r.md",
-    )
+    part = _linear_job(bench, tmp_path / "job")
     fresh = read_json(part / "bench_quick_accuracy.json")
     old = copy.deepcopy(fresh)
     for r in old["records"]:
