@@ -450,3 +450,25 @@ def test_merge_leaves_out_stale_records(bench, tmp_path):
     write_json(out / "bench_quick_accuracy.json", old)
     records = merge_accuracy([part], out, "quick")
     assert [r["test_accuracy"] for r in records] == [r["test_accuracy"] for r in fresh["records"]]
+
+
+def test_records_name_the_commit_that_trained_them(bench, tmp_path):
+    """A partly re-run accuracy stage keeps the commit of every record, and the result's
+    header says which commit trained what when they differ."""
+    from da3.bench.common import commits_line
+    from da3.bench.run import _accuracy_md
+
+    part = _linear_job(bench, tmp_path / "job")
+    data = read_json(part / "bench_quick_accuracy.json")
+    commit = data["info"]["commit"]
+    assert commit and all(r["commit"] == commit for r in data["records"])
+    assert commits_line(data["info"], data["records"]) == ""
+    mixed = copy.deepcopy(data["records"])
+    mixed[0]["commit"] = "abc1234"
+    mixed.append({**mixed[0], "method": "da3"})
+    del mixed[-1]["commit"]
+    line = commits_line(data["info"], mixed)
+    assert line.startswith("- records by commit: ") and "abc1234: 1 (linear)" in line
+    assert "not recorded: 1 (da3)" in line
+    md = _accuracy_md(data["info"], data["protocol"], mixed)
+    assert f"- date: {data['info']['date']}\n{line}\nProtocol:" in md

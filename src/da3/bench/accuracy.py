@@ -82,12 +82,14 @@ def run_accuracy(
     device: str = "cpu",
     keep_states: tuple[str, ...] = ("da3",),
     on_record: Callable[[list[dict]], None] | None = None,
+    commit: str = "",
 ) -> list[dict]:
     """Every (method, domain, seed) not yet in ``path`` under the same protocol.
 
     Records are appended to ``path``'s list as each run ends (``on_record`` writes them), so
     an interrupted run resumes where it stopped. Trained tensors of ``keep_states`` methods
-    are kept under ``states`` for later stages (the gating curve starts from them)."""
+    are kept under ``states`` for later stages (the gating curve starts from them). Each new
+    record names the ``commit`` that trained it, where given."""
     records: list[dict] = []
     if path.is_file():
         old = read_json(path)
@@ -128,6 +130,8 @@ def run_accuracy(
             write_tensors(state_path(states, tag, m, d, s), model.domain_state())
         # training + test evaluation + saving: what this record cost (summed in the report)
         rec["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        if commit:
+            rec["commit"] = commit
         records.append({"method": m, "domain": d, "seed": s, **rec})
         print(f"test top-1 {rec['test_accuracy']:.4f} ({rec['train_seconds']:.0f} s)", flush=True)
         if on_record:

@@ -99,6 +99,21 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def commits_line(info: dict, records: list[dict]) -> str:
+    """Where ``records`` were not all trained at ``info``'s commit (a resumed or partly re-run
+    stage), which commit trained how many of them, as a markdown list item; else ""."""
+    counts: dict[str, list[str]] = {}
+    for r in records:
+        counts.setdefault(r.get("commit", "not recorded"), []).append(r["method"])
+    if set(counts) <= {info.get("commit")}:
+        return ""
+    parts = [
+        f"{c}: {len(ms)} ({', '.join(dict.fromkeys(ms))})"
+        for c, ms in sorted(counts.items(), key=lambda kv: -len(kv[1]))
+    ]
+    return "- records by commit: " + "; ".join(parts) + "\n"
+
+
 def same_config(recorded: dict, current: dict, method: str | None = None) -> bool:
     """Whether a result recorded under method config ``recorded`` still stands for
     ``current``. A setting added to the method since the record was written counts as having

@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 from da3.bench import gating as gating_mod
-from da3.bench.common import header
+from da3.bench.common import commits_line, header
 from da3.io import read_json, write_text
 
 BEGIN = "<!-- da3 bench: generated from benchmarks/results; edit outside these markers -->"
@@ -249,6 +249,8 @@ def _section(tag: str, results: Path, report: Path) -> str | None:
     out = [f"## {TAGS.get(tag, tag)}", ""]
     walls = {"accuracy": _wall(records)}
     out.append(f"- accuracy run: {_info_line(acc['info'], walls['accuracy'])}")
+    if line := commits_line(acc["info"], records):
+        out.append(line.rstrip("\n"))
     out.append(
         f"- protocol: {proto['backbone']} ({proto['weights']}) frozen where the method says so; "
         f"{proto['image_size']} px; {proto['epochs']} epochs of batch {proto['batch_size']}; "

@@ -18,7 +18,14 @@ import torch
 from da3.backbones import create_backbone
 from da3.bench import gating as gating_mod
 from da3.bench.accuracy import run_accuracy, state_path, train_one
-from da3.bench.common import header, run_info, same_config, same_gating_protocol, save
+from da3.bench.common import (
+    commits_line,
+    header,
+    run_info,
+    same_config,
+    same_gating_protocol,
+    save,
+)
 from da3.errors import Da3Error
 from da3.io import read_json, read_tensors
 from da3.methods import FrozenBackbone, build_model, list_methods, make_config
@@ -143,6 +150,7 @@ def run_bench(
             tag=tag,
             device=device,
             on_record=write,
+            commit=info["commit"],
         )
         if not records:
             raise Da3Error("bench: no accuracy records were produced")
@@ -240,8 +248,11 @@ def _accuracy_md(info: dict, protocol: dict, records: list[dict]) -> str:
     from da3.bench.report import accuracy_table
 
     proto = ", ".join(f"{k}={v}" for k, v in protocol.items())
+    head = header(info, "Accuracy on the benchmark domains (test top-1)")
     return (
-        header(info, "Accuracy on the benchmark domains (test top-1)")
+        head[: head.rindex("\n\n") + 1]  # the list of the header, then which commit ran what
+        + commits_line(info, records)
+        + "\n"
         + f"Protocol: {proto}.\n\n"
         + accuracy_table(records)
     )
