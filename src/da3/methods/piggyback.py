@@ -11,8 +11,8 @@ The paper also learns each task's batch-norm parameters on networks that have th
 every masked convolution learns a per-channel shift (its batch norm's beta, added to the
 folded bias; ``shift_lr``), its scale stays frozen. Without it, training on this project's
 backbones can collapse: the scores that one sign of gradient pushes down all reach the
-threshold within a few steps (AdamW moves each by about the learning rate a step), tens of
-thousands of bits turn off at once, the frozen batch-norm statistics no longer fit, and the
+threshold within a few steps (AdamW moves each by about the learning rate a step), thousands
+of bits turn off within five steps, the frozen batch-norm statistics no longer fit, and the
 loss goes to chance and stays there (``benchmarks/piggyback_collapse.py``). With a learned
 shift the network recovers from that step. The shift's gradient needs nothing kept (a sum
 of the output gradient), so it costs no memory for backward.
