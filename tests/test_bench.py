@@ -7,6 +7,7 @@ real code paths; the figures themselves come from the real presets, run by hand.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -472,3 +473,35 @@ def test_records_name_the_commit_that_trained_them(bench, tmp_path):
     assert "not recorded: 1 (da3)" in line
     md = _accuracy_md(data["info"], data["protocol"], mixed)
     assert f"- date: {data['info']['date']}\n{line}\nProtocol:" in md
+
+
+def test_profile_rows_of_a_changed_method_config_are_redone(bench, monkeypatch, tmp_path):
+    """A profile setting is kept while its rows' configs are current (a row from before
+    rows held their config counts as the method's legacy values say), and profiled again,
+    every method of it, once one row's config is stale."""
+    import json
+    import shutil
+
+    _, _, results, report = bench
+    copy_dir = tmp_path / "results"
+    shutil.copytree(results, copy_dir)
+    path = copy_dir / "bench_quick_profile_resnet18_32px_b8.json"
+    payload = json.loads(path.read_text())
+    assert all(r["config"]["lr"] > 0 for r in payload["rows"])
+    calls = []
+
+    def fake_profile(backbone, methods, **kw):
+        calls.append(list(methods))
+        return payload["rows"]
+
+    monkeypatch.setattr("da3.profile.profile_methods", fake_profile)
+    kw = dict(methods=["linear", "da3"], results=copy_dir, report=report, stages=("profile",))
+    for r in payload["rows"]:
+        del r["config"]  # as written before rows held their config
+    path.write_text(json.dumps(payload))
+    bench_run.run_bench("quick", TINY, **kw)
+    assert calls == []
+    payload["rows"][1]["config"] = {**dataclasses.asdict(make_config("da3")), "lr": 0.5}
+    path.write_text(json.dumps(payload))
+    bench_run.run_bench("quick", TINY, **kw)
+    assert calls == [["linear", "da3"]]

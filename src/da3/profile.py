@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -207,6 +208,7 @@ def profile_methods(
                 "image_size": image_size,
                 "batch_size": batch_size,
                 "device": device,
+                "config": dataclasses.asdict(config),
                 "trainable_parameters": sum(p.numel() for p in model.trainable_parameters()),
                 "saved_activation_bytes": saved,
                 "analytical_floor_bytes": analytical_floor_bytes(model, x),

@@ -164,8 +164,18 @@ def run_bench(
             path = results / f"{name}.json"
             if path.is_file():
                 old = read_json(path)
-                done = {r["method"] for r in old.get("rows", [])}
-                if old.get("spec") == spec and set(methods) <= done:
+                rows = {r["method"]: r for r in old.get("rows", [])}
+                # a row from before rows held their config counts as legacy says (same_config)
+                current = all(
+                    m in rows
+                    and same_config(
+                        rows[m].get("config", {}),
+                        dataclasses.asdict(make_config(m, protocol["overrides"].get(m))),
+                        m,
+                    )
+                    for m in methods
+                )
+                if old.get("spec") == spec and current:
                     continue
             print(f"profile: {p['backbone']} {p['image_size']} px batch {p['batch_size']}")
             t0 = time.perf_counter()
