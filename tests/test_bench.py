@@ -413,8 +413,9 @@ def test_bench_gating_keeps_results_from_before_a_new_setting(bench, monkeypatch
     assert after["records"] == json.loads(before)["records"]
     # the rule itself
     cur = {"a": 1, "new": 0}
-    assert same_config({"a": 1}, cur) and same_config(cur, cur)
-    assert not same_config({"a": 2}, cur) and not same_config({"a": 1, "gone": 0}, cur)
+    assert same_config({"a": 1}, cur, "da3") and same_config(cur, cur, "da3")
+    assert not same_config({"a": 2}, cur, "da3")
+    assert not same_config({"a": 1, "gone": 0}, cur, "da3")
 
 
 def test_a_setting_whose_default_changed_behaviour_makes_old_records_stale():

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from da3.backbones import create_backbone
-from da3.bench.common import same_config
+from da3.bench.common import config_is_current
 from da3.data import load_domain
 from da3.io import read_json, write_tensors
 from da3.methods import FrozenBackbone, build_model, make_config
@@ -97,11 +97,10 @@ def run_accuracy(
             records = old["records"]
     # A record counts as done only if the method's config is still the one it ran with (a
     # changed default makes it stale; a setting added since keeps it, see same_config).
-    configs = {m: dataclasses.asdict(make_config(m, protocol["overrides"].get(m))) for m in methods}
     records = [
         r
         for r in records
-        if r["method"] not in configs or same_config(r["config"], configs[r["method"]], r["method"])
+        if r["method"] not in methods or config_is_current(r["config"], r["method"], protocol)
     ]
     done = {(r["method"], r["domain"], r["seed"]) for r in records}
     todo = [(d, m, s) for d in domains for s in seeds for m in methods if (m, d, s) not in done]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import platform
 import subprocess
@@ -12,7 +13,7 @@ import torch
 
 from da3 import __version__
 from da3.io import write_json, write_text
-from da3.methods import with_legacy
+from da3.methods import make_config, with_legacy
 
 
 def _git(where: Path, *args: str) -> str:
@@ -62,7 +63,9 @@ def run_info(device: str = "cpu", where: Path | None = None) -> dict:
     }
 
 
-def header(info: dict, title: str) -> str:
+def header(info: dict, title: str, extra: str = "") -> str:
+    """Title and the run's list (command, commit, machine, date); ``extra``: more list items
+    (lines ending in a newline)."""
     command = info["command"]
     if isinstance(command, list):  # merged from parallel jobs (da3.bench.merge)
         command = f"{command[0]}` and {len(command) - 1} more jobs like it, the last `{command[-1]}"
@@ -70,7 +73,7 @@ def header(info: dict, title: str) -> str:
         f"# {title}\n\n"
         f"- command: `{command}`\n- commit: {info['commit']}, da3 {info['da3']}, "
         f"torch {info['torch']}, Python {info['python']}\n- machine: {info['machine']}\n"
-        f"- date: {info['date']}\n\n"
+        f"- date: {info['date']}\n{extra}\n"
     )
 
 
@@ -114,16 +117,21 @@ def commits_line(info: dict, records: list[dict]) -> str:
     return "- records by commit: " + "; ".join(parts) + "\n"
 
 
-def same_config(recorded: dict, current: dict, method: str | None = None) -> bool:
-    """Whether a result recorded under method config ``recorded`` still stands for
+def same_config(recorded: dict, current: dict, method: str) -> bool:
+    """Whether a result recorded under ``method``'s config ``recorded`` still stands for
     ``current``. A setting added to the method since the record was written counts as having
     its current default (new settings are added with a default that keeps the old
-    behaviour), unless the method (given ``method``) names the value it had before in
-    ``legacy``: then it counts as that (see da3.methods.with_legacy). A changed value, or a
-    setting that no longer exists, makes the record stale."""
-    if method is not None:
-        recorded = with_legacy(method, recorded)
+    behaviour), unless the method names the value it had before in ``legacy``: then it counts
+    as that (see da3.methods.with_legacy). A changed value, or a setting that no longer
+    exists, makes the record stale."""
+    recorded = with_legacy(method, recorded)
     return {**current, **recorded} == current
+
+
+def config_is_current(recorded: dict, method: str, protocol: dict) -> bool:
+    """:func:`same_config` against ``method``'s config under ``protocol``'s overrides today."""
+    current = dataclasses.asdict(make_config(method, protocol["overrides"].get(method)))
+    return same_config(recorded, current, method)
 
 
 def same_gating_protocol(recorded: dict | None, current: dict) -> bool:
@@ -131,4 +139,4 @@ def same_gating_protocol(recorded: dict | None, current: dict) -> bool:
     if not recorded or "da3_config" not in recorded:
         return False
     rest_same = {**recorded, "da3_config": None} == {**current, "da3_config": None}
-    return rest_same and same_config(recorded["da3_config"], current["da3_config"])
+    return rest_same and same_config(recorded["da3_config"], current["da3_config"], "da3")

@@ -3,28 +3,18 @@ in parallel on one GPU) into one results folder, as if one run had made them.
 
 Every part must carry the same protocol; a (method, domain, seed) found twice must carry the
 same result. A record whose method config is no longer the method's (a changed default, see
-:func:`da3.bench.common.same_config`) is stale and left out, as ``da3 bench`` would retrain
+:func:`da3.bench.common.config_is_current`) is stale and left out, as ``da3 bench`` would retrain
 it. Trained domain states (``.states/``) are copied alongside.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
-from da3.bench.common import same_config, save
+from da3.bench.common import config_is_current, save
 from da3.errors import Da3Error
 from da3.io import read_json
-from da3.methods import make_config
-
-
-def _current(record: dict, protocol: dict, configs: dict[str, dict]) -> bool:
-    """Whether ``record`` was trained with its method's config under ``protocol`` today."""
-    m = record["method"]
-    if m not in configs:
-        configs[m] = dataclasses.asdict(make_config(m, protocol["overrides"].get(m)))
-    return same_config(record["config"], configs[m], m)
 
 
 def merge_accuracy(parts: list[Path], results: Path, tag: str) -> list[dict]:
@@ -37,7 +27,7 @@ def merge_accuracy(parts: list[Path], results: Path, tag: str) -> list[dict]:
     name = f"bench_{tag}_accuracy"
     target = Path(results) / f"{name}.json"
     sources = ([target] if target.is_file() else []) + [Path(p) / f"{name}.json" for p in parts]
-    protocol, infos, by_key, configs = None, [], {}, {}
+    protocol, infos, by_key = None, [], {}
     for path in sources:
         if not path.is_file():
             raise Da3Error(f"{path}: not found; nothing to merge from {path.parent}")
@@ -48,7 +38,7 @@ def merge_accuracy(parts: list[Path], results: Path, tag: str) -> list[dict]:
             raise Da3Error(f"{path}: its protocol differs from {sources[0]}'s; not merged")
         infos.append({"results": str(path.parent), **payload["info"]})
         for r in payload["records"]:
-            if not _current(r, protocol, configs):
+            if not config_is_current(r["config"], r["method"], protocol):
                 continue
             key = (r["method"], r["domain"], r["seed"])
             old = by_key.get(key)

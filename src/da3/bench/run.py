@@ -20,6 +20,7 @@ from da3.bench import gating as gating_mod
 from da3.bench.accuracy import run_accuracy, state_path, train_one
 from da3.bench.common import (
     commits_line,
+    config_is_current,
     header,
     run_info,
     same_config,
@@ -165,14 +166,9 @@ def run_bench(
             if path.is_file():
                 old = read_json(path)
                 rows = {r["method"]: r for r in old.get("rows", [])}
-                # a row from before rows held their config counts as legacy says (same_config)
+                # a row from before rows held their config counts as legacy says
                 current = all(
-                    m in rows
-                    and same_config(
-                        rows[m].get("config", {}),
-                        dataclasses.asdict(make_config(m, protocol["overrides"].get(m))),
-                        m,
-                    )
+                    m in rows and config_is_current(rows[m].get("config", {}), m, protocol)
                     for m in methods
                 )
                 if old.get("spec") == spec and current:
@@ -227,7 +223,7 @@ def run_bench(
             file = state_path(states, tag, "da3", domain, seed)
             if (
                 rec is not None
-                and same_config(rec["config"], da3_config)
+                and same_config(rec["config"], da3_config, "da3")
                 and file.is_file()
                 and acc.get("protocol") == protocol
             ):
@@ -258,11 +254,9 @@ def _accuracy_md(info: dict, protocol: dict, records: list[dict]) -> str:
     from da3.bench.report import accuracy_table
 
     proto = ", ".join(f"{k}={v}" for k, v in protocol.items())
-    head = header(info, "Accuracy on the benchmark domains (test top-1)")
+    title = "Accuracy on the benchmark domains (test top-1)"
     return (
-        head[: head.rindex("\n\n") + 1]  # the list of the header, then which commit ran what
-        + commits_line(info, records)
-        + "\n"
+        header(info, title, commits_line(info, records))
         + f"Protocol: {proto}.\n\n"
         + accuracy_table(records)
     )
