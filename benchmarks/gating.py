@@ -80,7 +80,7 @@ def main() -> None:
     info = run_info()
     info["threads"] = torch.get_num_threads()
     frozen = FrozenBackbone(create_backbone("efficientnet_lite0", "imagenet"))
-    pre = frozen.stock.preprocess
+    pre = frozen.preprocess
     t0 = time.perf_counter()
     for d in args.domains.split(","):
         if any(r["domain"] == d for r in records):

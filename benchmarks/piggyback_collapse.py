@@ -35,7 +35,7 @@ def trace(
     config = make_config("piggyback", {"lr": lr, "shift_lr": shift_lr})
     model = build_model("piggyback", frozen, len(data.classes), config).to(device)
     optimizer = make_optimizer(model, config)
-    pre = frozen.stock.preprocess
+    pre = frozen.preprocess
     masked = [m for m in model.modules() if hasattr(m, "scores")]
     total = sum(m.scores.numel() for m in masked)
     xv, yv = pre(data.val.images[:256]).to(device), data.val.labels[:256].to(device)

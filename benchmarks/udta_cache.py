@@ -48,10 +48,10 @@ def train_one(frozen, data, method: str, cache: bool, args) -> dict:
     torch.manual_seed(0)
     model = build_model(method, frozen, len(data.classes), config)
     t0 = time.perf_counter()
-    result = fit_domain(model, data, frozen.stock.preprocess, config, tc, progress=False)
+    result = fit_domain(model, data, frozen.preprocess, config, tc, progress=False)
     wall = time.perf_counter() - t0
     model.load_domain_state(result.best_state)
-    test = evaluate(model, data.test.images, data.test.labels, frozen.stock.preprocess)
+    test = evaluate(model, data.test.images, data.test.labels, frozen.preprocess)
     later = result.history[1:] or result.history
     return {
         "method": method,

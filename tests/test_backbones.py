@@ -11,7 +11,8 @@ from PIL import Image
 from torch import nn
 
 from da3.backbones import create_backbone, list_backbones, lite0_weights_file, weights_fingerprint
-from da3.backbones.efficientnet_lite import EfficientNetLite0, same_padding
+from da3.backbones.base import same_padding
+from da3.backbones.efficientnet_lite import EfficientNetLite0
 from da3.errors import Da3Error
 
 ALL = list_backbones()

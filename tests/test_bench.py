@@ -149,7 +149,7 @@ def test_bench_changed_protocol_starts_over(bench, monkeypatch):
         (["--stages", "acc"], "unknown stage 'acc'"),
         (["--set", "da3.reduction"], "expected METHOD.key=value"),
         (["--set", "da3.nokey=1"], "unknown config key 'nokey'"),
-        (["--set", "da3.reduction=x"], "expects int"),
+        (["--set", "da3.reduction=x"], "expects an integer"),
         (["--profiles", "resnet50-96px-b8"], "unknown setting 'resnet50-96px-b8'"),
         (["--seeds", "1-x"], "seeds '1-x': expected A-B"),
         (["--seeds", "-1"], "seeds '-1': expected A-B"),

@@ -125,7 +125,7 @@ def test_train_list_show_eval_predict_delete(env, capsys):
     assert (store / "colours.safetensors").is_file() and (store / "colours.json").is_file()
     run = store / "runs" / "colours"
     resolved = yaml.safe_load((run / "config.yaml").read_text())
-    assert resolved["config"]["reduction"] == 2 and resolved["config"]["gates"] is True
+    assert resolved["reduction"] == 2 and resolved["gates"] is True
     assert resolved["method"] == "da3" and resolved["weights"] == "none"
     assert resolved["image_size"] == 32 and resolved["epochs"] == 1
     history = json.loads((run / "history.json").read_text())
@@ -207,8 +207,8 @@ def test_config_file_and_overrides(env, capsys):
     resolved = yaml.safe_load((env["store"] / "runs" / "y" / "config.yaml").read_text())
     assert resolved["batch_size"] == 6  # flag over YAML
     assert resolved["seed"] == 2 and resolved["augment"] is False  # YAML over defaults
-    assert resolved["config"]["reduction"] == 2  # key=value over YAML
-    assert resolved["config"]["hidden_ratio"] == 0.5
+    assert resolved["reduction"] == 2  # key=value over YAML
+    assert resolved["hidden_ratio"] == 0.5
     assert resolved["backbone"] == "efficientnet_lite0"  # default
     assert json.loads((env["store"] / "y.json").read_text())["train"]["batch_size"] == 6
 
@@ -220,14 +220,14 @@ def _settings(*argv):
 def test_resolve_settings_precedence(tmp_path):
     cfg = tmp_path / "s.yaml"
     cfg.write_text("epochs: 3\nmethod: bias\nlr: 0.5\n")
-    run, method = _settings("--domain", "d", "--data", "x", "--config", cfg)
-    assert run["epochs"] == 3 and run["method"] == "bias" and method == {"lr": 0.5}
-    run, method = _settings(
+    run = _settings("--domain", "d", "--data", "x", "--config", cfg)
+    assert run.epochs == 3 and run.method == "bias" and run.method_config["lr"] == 0.5
+    run = _settings(
         "--domain", "d", "--data", "x", "--config", cfg, "--epochs", "4", "epochs=5", "lr=0.1"
     )
-    assert run["epochs"] == 5 and method == {"lr": "0.1"}
-    run, _ = _settings("--domain", "d", "--data", "x", "augment=no")
-    assert run["augment"] is False and run["method"] == "da3" and run["weights"] == "imagenet"
+    assert run.epochs == 5 and run.method_config["lr"] == 0.1
+    run = _settings("--domain", "d", "--data", "x", "augment=no")
+    assert run.augment is False and run.method == "da3" and run.weights == "imagenet"
 
 
 @pytest.mark.parametrize(

@@ -172,13 +172,15 @@ def test_benchmark_builds_are_deterministic(monkeypatch: pytest.MonkeyPatch) -> 
             pytest.skip(f"needs {bench.requirement}")
         a, b = bench.build(TINY, False), bench.build(TINY, False)
         for split in ("train", "val", "test"):
-            assert torch.equal(getattr(a, split).images, getattr(b, split).images)
+            assert torch.equal(getattr(a, split).images[:], getattr(b, split).images[:])
             assert torch.equal(getattr(a, split).labels, getattr(b, split).labels)
     if not benchmarks.BENCHMARKS["textures"].installed():
         pytest.skip("needs apt gimp-data")
     monkeypatch.setattr(textures, "VIEWS_PER_TILE", (2, 1, 1))
     a, b = textures.build(TINY), textures.build(TINY)
-    assert torch.equal(a.test.images, b.test.images) and torch.equal(a.train.images, b.train.images)
+    assert torch.equal(a.test.images[:], b.test.images[:]) and torch.equal(
+        a.train.images[:], b.train.images[:]
+    )
 
 
 def test_animals_never_imports_its_package() -> None:
@@ -278,7 +280,7 @@ def test_cache_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     second = load_domain("digits", TINY, cache_dir=tmp_path)
     assert builds == [TINY]
     for split in ("train", "val", "test"):
-        assert torch.equal(getattr(first, split).images, getattr(second, split).images)
+        assert torch.equal(getattr(first, split).images[:], getattr(second, split).images[:])
         assert torch.equal(getattr(first, split).labels, getattr(second, split).labels)
 
 
@@ -384,7 +386,7 @@ def test_folder_domain(tmp_path: Path) -> None:
             want = torch.tensor(COLOURS[domain.classes[int(label)]]).float()
             assert (image.float().mean(dim=(1, 2)) - want).abs().max() < 6
     again = load_domain(root, 24, cache_dir=tmp_path / "cache")
-    assert torch.equal(again.test.images, domain.test.images)
+    assert torch.equal(again.test.images[:], domain.test.images[:])
     assert torch.equal(again.train.labels, domain.train.labels)
 
 
@@ -409,7 +411,7 @@ def test_folder_transparency_on_white(tmp_path: Path) -> None:
     clear = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
     clear.save(root / "a" / "clear.png")
     domain = load_domain(root, 16, cache_dir=tmp_path / "c")
-    images = torch.cat([s.images for s in domain.splits().values()])
+    images = torch.cat([s.images[:] for s in domain.splits().values()])
     assert any(bool((img == 255).all()) for img in images)
 
 
@@ -421,7 +423,7 @@ def test_folder_cache_used_and_follows_changes(
     with monkeypatch.context() as patch:
         patch.setattr(folder, "load_image", lambda *args: pytest.fail("decoded again"))
         cached = load_domain(root, 16, cache_dir=tmp_path / "c")
-    assert torch.equal(cached.train.images, first.train.images)
+    assert torch.equal(cached.train.images[:], first.train.images[:])
     Image.new("RGB", (20, 20), (1, 2, 3)).save(root / "b" / "new.png")
     second = load_domain(root, 16, cache_dir=tmp_path / "c")
     assert sum(first.counts().values()) == 6 and sum(second.counts().values()) == 7

@@ -25,7 +25,8 @@ from torch import nn
 
 from conftest import randomise_bn
 from da3.backbones import create_backbone, list_backbones
-from da3.backbones.efficientnet_lite import Conv2dSame, same_padding
+from da3.backbones.base import same_padding
+from da3.backbones.efficientnet_lite import Conv2dSame
 from da3.lean import (
     GlobalAvgPool,
     LeanAffine,

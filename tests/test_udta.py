@@ -183,7 +183,7 @@ def _fit(frozen, method, digits, epochs=3, **train):
         result = fit(
             model,
             *digits,
-            frozen.stock.preprocess,
+            frozen.preprocess,
             config,
             TrainConfig(epochs=epochs, batch_size=32, augment=False, **train),
             progress=False,

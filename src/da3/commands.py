@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from pathlib import Path
 
 from da3.errors import Da3Error
+from da3.tables import text_table
 
 DEFAULT_STORE = "da3-store"
-TRAIN_KEYS = ("epochs", "batch_size", "seed", "augment", "device", "cache_features", "cache_dtype")
-RUN_KEYS = ("domain", "data", "method", "backbone", "weights", "image_size") + TRAIN_KEYS
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
@@ -37,6 +35,19 @@ def register(commands) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--image-size", type=int, dest="image_size")
     p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        dest="micro_batch",
+        help="images per forward/backward pass; gradients add up over a batch (exact where "
+        "no batch norm trains: da3, bias, linear, tinytl, udta, piggyback)",
+    )
+    p.add_argument(
+        "--memory-budget",
+        dest="memory_budget",
+        help="memory the run may use above the runtime, e.g. 48MB: plans the micro-batch, "
+        "refuses before any work if even 1 image does not fit",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument(
@@ -126,55 +137,24 @@ def _read_yaml(path: Path) -> dict:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def resolve_settings(args) -> tuple[dict, dict]:
-    """(run settings, method config values) from defaults, YAML, flags and key=value."""
-    from da3.methods import get_method
-    from da3.train import TrainConfig
+def resolve_settings(args):
+    """The run's :class:`~da3.training.TrainSettings` from YAML < flags < key=value."""
+    from da3.data import BENCHMARK_DOMAINS
+    from da3.training import TrainSettings
 
-    defaults = {
-        "method": "da3",
-        "backbone": "efficientnet_lite0",
-        "weights": "imagenet",
-        "image_size": 96,
-        **{f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in TRAIN_KEYS},
-    }
-    values = dict(defaults)
+    values: dict = {}
     if args.config is not None:
         values.update(_read_yaml(args.config))
-    values.update({k: getattr(args, k) for k in RUN_KEYS if getattr(args, k, None) is not None})
+    flags = TrainSettings.run_keys()
+    values.update({k: getattr(args, k) for k in flags if getattr(args, k, None) is not None})
     values.update(_parse_overrides(args.overrides))
-    run = {k: values.pop(k) for k in RUN_KEYS if k in values}
-    for key in ("domain", "data"):
-        if not run.get(key):
-            raise Da3Error(f"train: --{key} is required")
-    get_method(run["method"])
-    known = {f.name for f in dataclasses.fields(get_method(run["method"]).config_class)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise Da3Error(
-            f"unknown setting {unknown[0]!r}; run settings: {', '.join(RUN_KEYS)}; "
-            f"{run['method']} config: {', '.join(sorted(known))}"
-        )
-    for key, kind in (("epochs", int), ("batch_size", int), ("seed", int), ("image_size", int)):
-        try:
-            run[key] = kind(run[key])
-        except (TypeError, ValueError):
-            raise Da3Error(f"setting {key!r} expects an integer, got {run[key]!r}") from None
-        if run[key] < (0 if key == "seed" else 1):
-            raise Da3Error(f"setting {key!r} must be positive, got {run[key]}")
-    for key in ("augment", "cache_features"):
-        text = str(run[key]).lower()
-        if text not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            raise Da3Error(f"setting {key!r} expects true or false, got {run[key]!r}")
-        run[key] = text in ("1", "true", "yes", "on")
-    TrainConfig(**{k: run[k] for k in TRAIN_KEYS})  # checks that need no data (cache vs augment)
-    check_device(run["device"])
     # A folder given relative to here is recorded absolute, so `eval` works from anywhere.
-    from da3.data import BENCHMARK_DOMAINS
-
-    if run["data"] not in BENCHMARK_DOMAINS and Path(str(run["data"])).exists():
-        run["data"] = str(Path(run["data"]).resolve())
-    return run, values
+    data = values.get("data")
+    if data and str(data) not in BENCHMARK_DOMAINS and Path(str(data)).exists():
+        values["data"] = str(Path(str(data)).resolve())
+    settings = TrainSettings.from_values(values)
+    check_device(settings.device)
+    return settings
 
 
 def check_device(device: str) -> str:
@@ -187,132 +167,26 @@ def check_device(device: str) -> str:
     return device
 
 
-def train_domain(
-    run: dict,
-    method_values: dict,
-    store_dir: Path,
-    *,
-    resume=False,
-    overwrite=False,
-    progress=True,
-    model=None,
-) -> dict:
-    """Train domain ``run['domain']`` and save it; returns its metadata. Shared by the
-    ``train`` command and the demo (which passes its own :class:`MultiDomainModel`)."""
-    import yaml
-
-    from da3.backbones import create_backbone
-    from da3.data import load_domain
-    from da3.domains import DomainStore, MultiDomainModel, check_name
-    from da3.methods import parse_config
-    from da3.train import TrainConfig, check_cacheable, evaluate, fit_domain
-
-    name = check_name(run["domain"])
-    store = DomainStore(store_dir)
-    if store.exists(name) and not (overwrite or resume):
-        raise Da3Error(f"domain {name!r} exists in {store.root}; use --overwrite to replace it")
-    config = parse_config(run["method"], method_values)
-    tc = TrainConfig(**{k: run[k] for k in TRAIN_KEYS if k in run})
-    data = load_domain(run["data"], run["image_size"], progress=progress)
-    if model is None:
-        model = MultiDomainModel(create_backbone(run["backbone"], run["weights"]), run["device"])
-    if name in model.domains:
-        model.remove(name)
-    domain = model.add_domain(
-        name, data.classes, run["method"], config, run["image_size"], seed=run["seed"]
-    )
-    domain.source = run["data"]
-    if tc.cache_features:
-        check_cacheable(domain.model)  # before anything of the run is written
-    run_dir = store.root / "runs" / name
-    resolved = {**run, "config": dataclasses.asdict(config)}
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    except OSError as err:
-        raise Da3Error(f"{run_dir}: cannot write here ({err.strerror})") from None
-    result = fit_domain(
-        domain.model,
-        data,
-        model.preprocess,
-        config,
-        tc,
-        run_dir=run_dir,
-        resume=resume,
-        progress=progress,
-        fingerprint={
-            "domain": name,
-            "data": run["data"],
-            "method": run["method"],
-            "config": dataclasses.asdict(config),
-            "backbone": model.backbone_record(),
-            "image_size": run["image_size"],
-        },
-    )
-    domain.model.load_domain_state(result.best_state)
-    test = evaluate(
-        domain.model, data.test.images, data.test.labels, model.preprocess, device=run["device"]
-    )
-    domain.metrics = {
-        "val_accuracy": result.best_val_accuracy,
-        "test_accuracy": test["accuracy"],
-        "best_epoch": result.best_epoch,
-        "train_seconds": result.seconds,
-        "train_images": len(data.train.images),
-    }
-    domain.train = {k: run[k] for k in TRAIN_KEYS if k in run} | {"data": run["data"]}
-    from da3.io import write_json
-
-    write_json(run_dir / "history.json", {"history": result.history, "metrics": domain.metrics})
-    plot_curves(result.history, run_dir / "curves.png", title=f"{name} ({run['method']})")
-    model.save(name, store)
-    return {
-        "name": name,
-        "metrics": domain.metrics,
-        "run_dir": str(run_dir),
-        "file": str(store.paths(name)[0]),
-        "history": result.history,
-    }
-
-
-def plot_curves(history: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
-    a.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    a.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
-    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend()
-    b.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train")
-    b.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="val")
-    b.set_xlabel("epoch"), b.set_ylabel("top-1 accuracy"), b.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def run_train(args) -> int:
-    run, method_values = resolve_settings(args)
+    from da3.training import describe_memory, train_domain
+
+    settings = resolve_settings(args)
     info = train_domain(
-        run,
-        method_values,
+        settings,
         Path(args.store),
         resume=args.resume,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        echo=print,
     )
-    m = info["metrics"]
+    m = info.metrics
     print(
-        f"domain {info['name']}: val {m['val_accuracy']:.4f}, test {m['test_accuracy']:.4f} "
-        f"(best epoch {m['best_epoch']}), {m['train_seconds']:.0f}s -> {info['file']}"
+        f"domain {info.name}: val {m['val_accuracy']:.4f}, test {m['test_accuracy']:.4f} "
+        f"(best epoch {m['best_epoch']}), {m['train_seconds']:.0f}s -> {info.file}"
     )
-    print(f"run folder: {info['run_dir']} (config.yaml, history.json, curves.png)")
+    for line in describe_memory(info.memory):
+        print(line)
+    print(f"run folder: {info.run_dir} (config.yaml, history.json, curves.png)")
     return 0
 
 
@@ -410,7 +284,7 @@ def run_domains_list(args) -> int:
             )
         except (Da3Error, OSError) as err:
             rows.append((n, f"unreadable: {err}", "", "", "", ""))
-    print(_table(rows))
+    print(text_table(rows))
     return 0
 
 
@@ -434,17 +308,6 @@ def run_domains_delete(args) -> int:
     store.delete(args.name)
     print(f"deleted domain {args.name!r} from {store.root}")
     return 0
-
-
-def _table(rows: list[tuple]) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(
-            str(c).ljust(w) if j == 0 else str(c).rjust(w)
-            for j, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
-        for r in rows
-    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,12 +24,13 @@ def run(args) -> int:
     import torch.nn.functional as F
 
     from da3.backbones import create_backbone
-    from da3.commands import _table, train_domain
     from da3.data import load_domain
     from da3.domains import DomainStore, MultiDomainModel
     from da3.memory import process_memory_bytes, reset_peak_memory, saved_activation_bytes
     from da3.methods import parse_config
     from da3.profile import machine_description
+    from da3.tables import text_table
+    from da3.training import TrainSettings, train_domain
 
     t_start = time.perf_counter()
     names = list(DEMO_DOMAINS) if not args.domains else [d.strip() for d in args.domains.split(",")]
@@ -45,8 +46,7 @@ def run(args) -> int:
         f"{epochs} epochs each, store {store.root}\nmachine: {machine_description('cpu')}\n"
     )
     model = MultiDomainModel(create_backbone("efficientnet_lite0", "imagenet"))
-    method_values: dict = {}
-    config = parse_config("da3", method_values)
+    config = parse_config("da3", {})
     rows, reference, history_rows = [], {}, []
     data_cache = {}
     for step, name in enumerate(names, 1):
@@ -65,24 +65,12 @@ def run(args) -> int:
         del probe, d
         exact_peak = reset_peak_memory()
         rss0 = process_memory_bytes("VmRSS")
-        run = {
-            "domain": name,
-            "data": name,
-            "method": "da3",
-            "backbone": "efficientnet_lite0",
-            "weights": "imagenet",
-            "image_size": size,
-            "epochs": epochs,
-            "batch_size": 32,
-            "seed": 0,
-            "augment": True,
-            "device": "cpu",
-        }
-        info = train_domain(
-            run, method_values, store.root, overwrite=True, progress=progress, model=model
+        settings = TrainSettings(
+            domain=name, data=name, image_size=size, epochs=epochs, batch_size=32
         )
+        info = train_domain(settings, store, overwrite=True, progress=progress, model=model)
         peak = process_memory_bytes("VmHWM") - rss0 if exact_peak else None
-        m = info["metrics"]
+        m = info.metrics
         rows.append(
             {
                 "domain": name,
@@ -122,7 +110,7 @@ def run(args) -> int:
         )
 
     print("Test top-1 of each domain after each addition (identical logits, bit for bit):")
-    print(_table([("", *names), *history_rows]))
+    print(text_table([("", *names), *history_rows]))
     print("\nPer domain:")
     table = [
         (
@@ -149,7 +137,7 @@ def run(args) -> int:
                 f"{r['file_bytes'] / 1024:.0f}",
             )
         )
-    print(_table(table))
+    print(text_table(table))
     mean = sum(r["test_accuracy"] for r in rows) / len(rows)
     print(
         f"\nmean test top-1 {mean:.4f}; backbone shared and unchanged "

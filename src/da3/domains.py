@@ -175,21 +175,27 @@ def _build_id(path: Path) -> str | None:
 class MultiDomainModel:
     """One frozen backbone shared by many domains, each with its own trained tensors."""
 
-    def __init__(self, backbone: Backbone | FrozenBackbone, device: str = "cpu") -> None:
-        self.frozen = backbone if isinstance(backbone, FrozenBackbone) else FrozenBackbone(backbone)
-        self.frozen.stock.to(device)
+    def __init__(
+        self, backbone: Backbone | FrozenBackbone, device: str = "cpu", forms: str = "both"
+    ) -> None:
+        """``forms``: which forms of the frozen backbone to hold (see
+        :class:`~da3.methods.FrozenBackbone`); a process that trains one method holds only
+        the one it needs."""
+        if not isinstance(backbone, FrozenBackbone):
+            backbone = FrozenBackbone(backbone, forms)
+        self.frozen = backbone.to(device)
         self.device = device
         self.domains: dict[str, Domain] = {}
         self.active: str | None = None
 
     @property
     def preprocess(self):
-        return self.frozen.stock.preprocess
+        return self.frozen.preprocess
 
     def backbone_record(self) -> dict:
         return {
             "name": self.frozen.name,
-            "weights": self.frozen.stock.weights,
+            "weights": self.frozen.weights,
             "fingerprint": self.frozen.fingerprint,
         }
 

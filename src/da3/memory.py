@@ -1,8 +1,17 @@
-"""Deterministic memory accounting: bytes kept for backward, and the analytical floor."""
+"""Memory accounting: what a training process holds, measured and counted.
+
+* :class:`ProcessMemory`: the resident memory of this process through a run's phases, as the
+  device sees it (``VmRSS``, and the kernel's high-water mark ``VmHWM``).
+* :func:`saved_activation_bytes`: bytes autograd keeps for backward (deterministic).
+* :func:`tensor_bytes` / :func:`optimizer_state_bytes`: weights, gradients, optimizer moments.
+* :func:`analytical_floor_bytes`: what the lean engine must keep at least.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -18,6 +27,93 @@ def process_memory_bytes(field: str = "VmRSS") -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise OSError(f"/proc/self/status has no {field}")
+
+
+def _status(field: str) -> int:
+    try:
+        return process_memory_bytes(field)
+    except OSError:
+        return 0
+
+
+class ProcessMemory:
+    """The resident memory of this process across the phases of a run.
+
+    Created when the run starts, after the imports: ``runtime`` is the resident size then
+    (the interpreter, torch and the libraries: the floor every run pays). Each
+    :meth:`phase` records the resident size before and after it and the high-water mark
+    ``VmHWM`` after it. The mark is only read, never reset: resetting it
+    (``/proc/self/clear_refs``) would also hide the peak from ``/usr/bin/time`` and from
+    the parent process. So a phase's own peak is known exactly when it raised the mark (it
+    then set the run's peak so far), and is "at most the mark" otherwise. Zeros where
+    ``/proc`` does not exist (not Linux).
+    """
+
+    def __init__(self) -> None:
+        self.runtime = _status("VmRSS")
+        self.peak_at_start = _status("VmHWM")
+        self.phases: list[dict] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        before, t0 = _status("VmRSS"), time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases.append(
+                {
+                    "phase": name,
+                    "rss_before": before,
+                    "rss_after": _status("VmRSS"),
+                    "peak_after": _status("VmHWM"),
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+
+    @property
+    def peak(self) -> int:
+        return _status("VmHWM")
+
+    def peak_phase(self) -> str | None:
+        """The phase during which the process reached its peak (None: before the run)."""
+        mark = self.peak_at_start
+        setter = None
+        for p in self.phases:
+            if p["peak_after"] > mark:
+                mark, setter = p["peak_after"], p["phase"]
+        return setter
+
+    def phase_peak_above(self, name: str) -> int | None:
+        """How far the named phase went above the resident size it started from, when it
+        raised the high-water mark (else None: it stayed below an earlier peak)."""
+        mark = self.peak_at_start
+        for p in self.phases:
+            if p["peak_after"] > mark and p["phase"] == name:
+                return p["peak_after"] - p["rss_before"]
+            mark = max(mark, p["peak_after"])
+        return None
+
+    def record(self) -> dict:
+        return {
+            "runtime_bytes": self.runtime,
+            "peak_bytes": self.peak,
+            "peak_above_runtime_bytes": self.peak - self.runtime,
+            "peak_phase": self.peak_phase(),
+            "phases": self.phases,
+        }
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the storages behind ``tensors``, each storage once."""
+    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(seen.values())
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of the optimizer's state tensors (AdamW: two moments per trainable weight)."""
+    return tensor_bytes(
+        v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)
+    )
 
 
 def reset_peak_memory() -> bool:

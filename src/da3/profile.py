@@ -203,7 +203,7 @@ def profile_methods(
         rows.append(
             {
                 "backbone": backbone,
-                "weights": frozen.stock.weights,
+                "weights": frozen.weights,
                 "method": m,
                 "image_size": image_size,
                 "batch_size": batch_size,

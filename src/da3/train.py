@@ -5,24 +5,43 @@ validation after each epoch, the best epoch's state kept, a checkpoint after eve
 Shuffling and augmentation draw from generators seeded by ``(seed, epoch)``, so a run
 resumed from its last checkpoint reaches bit for bit the result of an uninterrupted one.
 A loss that is not finite stops training; the last good checkpoint stays on disk.
+
+What a run holds at once is bounded, whatever the size of the domain:
+
+==================  ==================================================================
+images              one batch of uint8 images, read from the cache file (``images[idx]``)
+step                one micro-batch's forward and backward (``micro_batch``; default the
+                    whole batch): gradients accumulate over the micro-batches of a batch
+evaluation          batches of ``eval_batch_size`` (default: the micro-batch, else the
+                    training batch), never the whole split
+==================  ==================================================================
+
+Micro-batches give the full batch's gradient (to float rounding) when nothing in the model
+couples the samples of a batch; batch norm in training mode (``finetune``, the residual
+adapters' domain batch norms) and DA3's gate budget (a function of the batch's mean gate)
+do, so there a micro-batch is a smaller batch for those parts
+(:func:`micro_batch_coupling` says which, and training says so).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from da3.backbones.base import Preprocess
 from da3.errors import Da3Error
 from da3.feature_cache import CACHE_DTYPES, FeatureCache
 from da3.io import read_json, read_tensors, write_json, write_tensors
-from da3.memory import process_memory_bytes
+from da3.memory import optimizer_state_bytes, process_memory_bytes
 from da3.methods.base import AdaptedModel, MethodConfig
+from da3.optim import AdamW, LambdaSchedule
 
 
 @dataclass
@@ -33,7 +52,17 @@ class TrainConfig:
     batch_size: int = field(default=32, metadata={"help": "images per step"})
     seed: int = field(default=0, metadata={"help": "seed of init, shuffling, augmentation"})
     augment: bool = field(default=True, metadata={"help": "random translations of +-1/12"})
-    eval_batch_size: int = field(default=128, metadata={"help": "images per evaluation batch"})
+    micro_batch: int = field(
+        default=0,
+        metadata={
+            "help": "images per forward/backward pass; gradients accumulate over the "
+            "micro-batches of a batch (0: the whole batch at once)"
+        },
+    )
+    eval_batch_size: int = field(
+        default=0,
+        metadata={"help": "images per evaluation batch (0: the micro-batch, else the batch)"},
+    )
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
     cache_features: bool = field(
         default=False,
@@ -48,6 +77,12 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise Da3Error(f"setting {key!r} must be at least 1, got {getattr(self, key)}")
+        for key in ("micro_batch", "eval_batch_size"):
+            if getattr(self, key) < 0:
+                raise Da3Error(f"setting {key!r} must be 0 (off) or more, got {getattr(self, key)}")
         if self.cache_dtype not in CACHE_DTYPES:
             raise Da3Error(
                 f"cache_dtype={self.cache_dtype!r}: choose from {', '.join(CACHE_DTYPES)}"
@@ -58,15 +93,24 @@ class TrainConfig:
                 "epoch, so their features cannot be reused"
             )
 
+    @property
+    def step_batch(self) -> int:
+        """Images in one forward/backward pass."""
+        return min(self.micro_batch or self.batch_size, self.batch_size)
 
-def make_optimizer(model: AdaptedModel, config: MethodConfig) -> torch.optim.Optimizer:
+    @property
+    def eval_batch(self) -> int:
+        return self.eval_batch_size or self.step_batch
+
+
+def make_optimizer(model: AdaptedModel, config: MethodConfig) -> AdamW:
     """AdamW; parameters with a rate of their own (:meth:`AdaptedModel.param_lrs`) in groups
     of their own, and the head in its own group (the last) when the config gives it its own
     learning rate or a head-only warm-up, or there are such groups."""
     params = model.trainable_parameters()
     own = [([p for p in ps if p.requires_grad], lr) for ps, lr in model.param_lrs(config)]
     if not own and not config.head_lr and not config.head_warmup and not config.head_warmup_steps:
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     apart = {id(p) for p in model.head.parameters()} | {id(p) for ps, _ in own for p in ps}
     groups = [
         {"params": [p for p in params if id(p) not in apart]},
@@ -77,37 +121,83 @@ def make_optimizer(model: AdaptedModel, config: MethodConfig) -> torch.optim.Opt
         },
     ]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def micro_batch_coupling(model: AdaptedModel) -> str | None:
+    """Why micro-batches would not give the full batch's gradient for ``model`` (in
+    training mode), or None when they do (to float rounding)."""
+    was = model.training
+    model.train()
+    bn = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bn = [n for n in bn if model.get_submodule(n).training]
+    model.train(was)
+    if bn:
+        return f"{len(bn)} batch norms use the statistics of each micro-batch"
+    return model.batch_coupling()
 
 
 def train_step(
     model: AdaptedModel,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor | None,
+    optimizer: AdamW,
+    x: torch.Tensor | Callable[[slice], torch.Tensor] | None,
     y: torch.Tensor,
     *,
     taps: list[torch.Tensor] | None = None,
+    micro_batch: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, backward, optimizer step on one batch; returns (loss, logits), detached.
-    Given ``taps`` (the frozen ``model.features.taps(x)``, e.g. cached), ``x`` is not used."""
-    logits = model(x) if taps is None else model.forward_taps(taps)
-    loss = F.cross_entropy(logits, y)
-    aux = model.auxiliary_loss()
-    total = loss if aux is None else loss + aux
+
+    ``x`` is the batch's input, or a function giving the input of a slice of the batch
+    (so only one micro-batch's input exists at a time). With ``micro_batch`` smaller than
+    the batch, the forward and backward passes run a micro-batch at a time and the
+    gradients add up to the batch's (each micro-batch's loss weighted by its share).
+    Given ``taps`` (the frozen ``model.features.taps(x)``, e.g. cached), ``x`` is not used.
+    """
+    n = len(y)
+    size = n if micro_batch <= 0 else min(micro_batch, n)
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    losses, outputs = [], []
+    for start in range(0, n, size):
+        part = slice(start, min(start + size, n))
+        if taps is not None:
+            logits = model.forward_taps([t[part] for t in taps])
+        else:
+            logits = model(x(part) if callable(x) else x[part] if size < n else x)
+        loss = F.cross_entropy(logits, y[part])
+        aux = model.auxiliary_loss()
+        total = loss if aux is None else loss + aux
+        if size < n:  # the batch's mean loss is the share-weighted sum of the parts'
+            share = (part.stop - part.start) / n
+            total, loss = total * share, loss.detach() * share
+        total.backward()
+        losses.append(loss.detach())
+        outputs.append(logits.detach())
     optimizer.step()
-    return loss.detach(), logits.detach()
+    if len(losses) == 1:
+        return losses[0], outputs[0]
+    return torch.stack(losses).sum(), torch.cat(outputs)
+
+
+def draw_shifts(n: int, side: int, generator: torch.Generator) -> tuple[list[int], list[int]]:
+    """The random translations of a batch of ``n`` images (see :func:`augment_batch`)."""
+    p = max(1, side // 12)
+    dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).tolist()
+    dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).tolist()
+    return dy, dx
+
+
+def shift_images(x: torch.Tensor, dy: list[int], dx: list[int]) -> torch.Tensor:
+    """Translate each image of ``x`` by its ``(dy, dx)`` from :func:`draw_shifts`."""
+    _, _, h, w = x.shape
+    p = max(1, h // 12)
+    padded = F.pad(x, (p, p, p, p), mode="replicate")
+    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(len(x))])
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random translation by up to 1/12 of the side, edges replicated."""
-    n, _, h, w = x.shape
-    p = max(1, h // 12)
-    padded = F.pad(x, (p, p, p, p), mode="replicate")
-    dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).tolist()
-    dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).tolist()
-    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    return shift_images(x, *draw_shifts(len(x), x.shape[2], generator))
 
 
 @torch.no_grad()
@@ -116,12 +206,13 @@ def evaluate(
     images: torch.Tensor,
     labels: torch.Tensor,
     preprocess: Preprocess,
-    batch_size: int = 128,
+    batch_size: int = 32,
     device: str = "cpu",
     cache: FeatureCache | None = None,
 ) -> dict:
-    """Top-1 accuracy and mean loss of ``model`` on uint8 ``images`` (with ``cache``: the
-    frozen taps of ``images``, reused where already computed)."""
+    """Top-1 accuracy and mean loss of ``model`` on uint8 ``images`` (a tensor, or images
+    read from disk a batch at a time), ``batch_size`` images at a time (with ``cache``:
+    the frozen taps of ``images``, reused where already computed)."""
     was_training = model.training
     model.eval()
     correct, loss_sum = 0, 0.0
@@ -157,7 +248,7 @@ def memory_in_use(device: str) -> int:
 # checkpoints
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+def _optimizer_tensors(optimizer: AdamW) -> tuple[dict, dict]:
     sd = optimizer.state_dict()
     tensors = {
         f"optimizer.{idx}.{key}": value
@@ -167,7 +258,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     return tensors, {"param_groups": sd["param_groups"]}
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+def _load_optimizer(optimizer: AdamW, tensors: dict, meta: dict) -> None:
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -185,6 +276,7 @@ class FitResult:
     seconds: float
     resumed_from: int | None = None
     cache_bytes: int = 0  # cached features of the train and validation images
+    optimizer_bytes: int = 0  # the optimizer's state at the end (AdamW: two moments)
 
 
 def fit_domain(
@@ -222,7 +314,7 @@ def head_only_steps(config: MethodConfig, total_steps: int) -> int:
     return max(by_fraction, by_steps)
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, wait: int) -> list:
+def lr_schedule(optimizer: AdamW, total_steps: int, wait: int) -> list:
     """Per parameter group, the factor on its learning rate at each step: cosine decay to zero
     over ``total_steps``; with ``wait`` > 0, every group but the head (the last, see
     :func:`make_optimizer`) stays at zero for the first ``wait`` steps, so the head learns
@@ -260,6 +352,7 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     fingerprint: dict | None = None,
+    echo: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Train ``model`` on one domain; see the module docstring.
 
@@ -279,7 +372,7 @@ def fit(
     optimizer = make_optimizer(model, method_config)
     steps_per_epoch = math.ceil(len(train_images) / config.batch_size)
     total_steps = max(1, steps_per_epoch * config.epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    scheduler = LambdaSchedule(
         optimizer, lr_schedule(optimizer, total_steps, head_only_steps(method_config, total_steps))
     )
     train_cache = val_cache = None
@@ -334,17 +427,27 @@ def fit(
         for step in bar:
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             y = train_labels[idx].to(device)
+            images = train_images[idx]  # this batch only, read from disk if it is there
             if train_cache is None:
-                x = preprocess(train_images[idx].to(device))
-                if config.augment:
-                    x = augment_batch(x, g)
-                loss, logits = train_step(model, optimizer, x, y)
+                shifts = draw_shifts(len(idx), images.shape[2], g) if config.augment else None
+
+                def inputs(part: slice, images=images, shifts=shifts) -> torch.Tensor:
+                    x = preprocess(images[part].to(device))
+                    if shifts is None:
+                        return x
+                    return shift_images(x, shifts[0][part], shifts[1][part])
+
+                loss, logits = train_step(
+                    model, optimizer, inputs, y, micro_batch=config.micro_batch
+                )
             else:
                 taps = train_cache.get(
                     idx,
-                    lambda idx=idx: model.features.taps(preprocess(train_images[idx].to(device))),
+                    lambda images=images: model.features.taps(preprocess(images.to(device))),
                 )
-                loss, logits = train_step(model, optimizer, None, y, taps=taps)
+                loss, logits = train_step(
+                    model, optimizer, None, y, taps=taps, micro_batch=config.micro_batch
+                )
             if not torch.isfinite(loss):
                 kept = (
                     f"; {ckpt_t} keeps epoch {history[-1]['epoch']}" if ckpt_t and history else ""
@@ -369,7 +472,7 @@ def fit(
             bar.set_postfix(postfix)
         train_seconds = time.perf_counter() - t0
         val = evaluate(
-            model, val_images, val_labels, preprocess, config.eval_batch_size, device, val_cache
+            model, val_images, val_labels, preprocess, config.eval_batch, device, val_cache
         )
         seconds = time.perf_counter() - t0
         cache_bytes = sum(c.nbytes for c in (train_cache, val_cache) if c is not None)
@@ -386,11 +489,14 @@ def fit(
             "cache_bytes": cache_bytes,
         }
         history.append(record)
-        if progress:
-            bar.write(
-                f"  epoch {epoch + 1}: val accuracy {val['accuracy']:.4f}, "
-                f"train loss {record['train_loss']:.4f}, {seconds:.1f}s"
-            )
+        line = (
+            f"  epoch {epoch + 1}/{config.epochs}: val accuracy {val['accuracy']:.4f}, "
+            f"train loss {record['train_loss']:.4f}, {seconds:.1f}s"
+        )
+        if echo is not None:
+            echo(line)
+        elif progress:
+            bar.write(line)
         if val["accuracy"] > best["accuracy"]:
             best = {
                 "epoch": epoch + 1,
@@ -417,5 +523,12 @@ def fit(
             )
     cache_bytes = sum(c.nbytes for c in (train_cache, val_cache) if c is not None)
     return FitResult(
-        history, best["epoch"], best["accuracy"], best["state"], elapsed, resumed_from, cache_bytes
+        history,
+        best["epoch"],
+        best["accuracy"],
+        best["state"],
+        elapsed,
+        resumed_from,
+        cache_bytes,
+        optimizer_state_bytes(optimizer),
     )

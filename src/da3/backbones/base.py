@@ -10,11 +10,13 @@ bit for bit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ShortcutKind = Literal["identity", "projection", "none"]
@@ -40,6 +42,22 @@ class Preprocess:
 
 
 IMAGENET_PREPROCESS = Preprocess((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224)
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow "same" padding (before, after) along one axis."""
+    out = math.ceil(size / stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def pad_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
+    """Zero-pad ``x`` for TensorFlow "same" padding (no copy when nothing to pad)."""
+    top, bottom = same_padding(x.shape[-2], kernel[0], stride[0])
+    left, right = same_padding(x.shape[-1], kernel[1], stride[1])
+    if top or bottom or left or right:
+        x = F.pad(x, (left, right, top, bottom))  # keeps nothing for backward
+    return x
 
 
 class Block(nn.Module):

@@ -8,13 +8,11 @@ as the weights were trained with it.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from da3.backbones.base import Backbone, Block, Preprocess
+from da3.backbones.base import Backbone, Block, Preprocess, pad_same
 
 # (repeats, kernel, stride, expand, in, out), from the architecture's definition.
 LITE0_STAGES = (
@@ -29,22 +27,6 @@ LITE0_STAGES = (
 BN_EPS = 1e-3
 # Raw uint8 pixels become (x - 127) / 128: in the (x / 255 - mean) / std form.
 LITE0_PREPROCESS = Preprocess((127 / 255,) * 3, (128 / 255,) * 3, 224)
-
-
-def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    """TensorFlow "same" padding (before, after) along one axis."""
-    out = math.ceil(size / stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
-
-
-def pad_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
-    """Zero-pad ``x`` for TensorFlow "same" padding (no copy when nothing to pad)."""
-    top, bottom = same_padding(x.shape[-2], kernel[0], stride[0])
-    left, right = same_padding(x.shape[-1], kernel[1], stride[1])
-    if top or bottom or left or right:
-        x = F.pad(x, (left, right, top, bottom))  # keeps nothing for backward
-    return x
 
 
 class Conv2dSame(nn.Conv2d):

@@ -46,12 +46,10 @@ def train_one(
     torch.manual_seed(seed)
     model = build_model(method, frozen, len(data.classes), config).to(device)
     t0 = time.perf_counter()
-    result = fit_domain(model, data, frozen.stock.preprocess, config, tc, progress=progress)
+    result = fit_domain(model, data, frozen.preprocess, config, tc, progress=progress)
     seconds = time.perf_counter() - t0
     model.load_domain_state(result.best_state)
-    test = evaluate(
-        model, data.test.images, data.test.labels, frozen.stock.preprocess, device=device
-    )
+    test = evaluate(model, data.test.images, data.test.labels, frozen.preprocess, device=device)
     state_bytes = sum(t.numel() * t.element_size() for t in model.domain_state().values())
     return {
         "test_accuracy": test["accuracy"],

@@ -65,7 +65,7 @@ def run_gating(
 ) -> list[dict]:
     """Append the rows of every domain not yet in ``records``; ``ungated(domain, data)``
     gives the ungated da3 domain's (record, model)."""
-    pre = frozen.stock.preprocess
+    pre = frozen.preprocess
     for d in domains:
         if any(r["domain"] == d for r in records):
             continue

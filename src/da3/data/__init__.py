@@ -32,6 +32,7 @@ from da3.errors import Da3Error
 
 __all__ = [
     "BENCHMARK_DOMAINS",
+    "class_count",
     "DomainData",
     "Split",
     "describe_domains",
@@ -83,6 +84,25 @@ def load_domain(
     return _load_folder(path.absolute(), size, root, progress)
 
 
+def class_count(name_or_path: PathLike, image_size: int = DEFAULT_IMAGE_SIZE) -> int:
+    """How many classes :func:`load_domain` will find, without loading any image (a folder
+    is listed and checked; a benchmark answers from its cache entry, or its nominal count).
+    """
+    text = os.fspath(name_or_path)
+    if text in BENCHMARKS:
+        bench = BENCHMARKS[text]
+        meta = cache.read_meta(
+            cache.entry_paths(cache.cache_root(), _benchmark_key(text, _size(image_size)))[1]
+        )
+        if meta and isinstance(meta.get("classes"), list):
+            return len(meta["classes"])
+        return bench.nominal_counts[0]
+    path = Path(text).expanduser()
+    if not path.exists() and os.sep not in text and "/" not in text and not text.startswith("."):
+        load_domain(text, image_size)  # the unknown-domain error
+    return len(folder.scan(path.absolute()).classes)
+
+
 def _load_benchmark(name: str, size: int, root: Path, progress: bool) -> DomainData:
     key = _benchmark_key(name, size)
     bench = BENCHMARKS[name]
@@ -90,28 +110,67 @@ def _load_benchmark(name: str, size: int, root: Path, progress: bool) -> DomainD
     if cached is not None:
         return cached
     domain = bench.build(size, progress)
-    _store(root, key, domain, bench.cache_fields())
+    if _store(root, key, domain, bench.cache_fields()):
+        # read back: the images stay on disk, not in this process
+        return cache.read(root, key, name, size, bench.cache_fields()) or domain
     return domain
 
 
 def _load_folder(path: Path, size: int, root: Path, progress: bool) -> DomainData:
-    classes, files = folder.scan(path)
+    scanned = folder.scan(path)
     key = folder.cache_key(path, size)
-    stamp = {"kind": "folder", "fingerprint": folder.fingerprint(path, files)}
+    stamp = {"kind": "folder", "fingerprint": folder.fingerprint(path, scanned.files)}
     cached = cache.read(root, key, path.name, size, stamp)
-    if cached is not None and cached.classes == classes:
+    if cached is not None and cached.classes == scanned.classes:
         return cached
-    domain = folder.build(path, classes, files, size, progress)
-    _store(root, key, domain, stamp)
+    # Decoded a chunk at a time straight into the cache file, then read back from it: a
+    # folder of any size costs a chunk of memory, not the folder.
+    plan = folder.split_plan(scanned)
+    labels = [label for _, label in scanned.files]
+    from tqdm import tqdm
+
+    try:
+        with tqdm(
+            total=len(scanned.files),
+            desc=f"load {path.name}",
+            unit="img",
+            disable=not progress,
+            leave=False,
+        ) as bar:
+            cache.write_entry(
+                root,
+                key,
+                name=path.name,
+                image_size=size,
+                classes=scanned.classes,
+                source=str(path),
+                layout=scanned.layout,
+                splits={
+                    s: (
+                        [labels[i] for i in idx],
+                        folder.decode_chunks([scanned.files[i][0] for i in idx], size, bar),
+                    )
+                    for s, idx in plan.items()
+                },
+                extra=stamp,
+            )
+    except cache.CacheWriteError as err:
+        log.warning("da3: %s", err)  # no cache: decode into memory, as a last resort
+        return folder.build(scanned, size, progress)
+    domain = cache.read(root, key, path.name, size, stamp)
+    if domain is None:
+        raise Da3Error(f"{cache.entry_paths(root, key)[0]}: cache entry unreadable after writing")
     return domain
 
 
-def _store(root: Path, key: str, domain: DomainData, extra: dict[str, Any]) -> None:
+def _store(root: Path, key: str, domain: DomainData, extra: dict[str, Any]) -> bool:
     # A cache that cannot be written costs time later, not correctness now: warn and go on.
     try:
         cache.write(root, key, domain, extra)
     except Da3Error as err:
         log.warning("da3: %s", err)
+        return False
+    return True
 
 
 def describe_domains(

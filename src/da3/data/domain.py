@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,9 +26,15 @@ SPLIT_SEED = 20201202  # fixed: changing it changes every split (bump the cache 
 
 @dataclass
 class Split:
-    """One split of a domain: ``images`` uint8 N x 3 x S x S and ``labels`` int64 N."""
+    """One split of a domain: ``images`` uint8 N x 3 x S x S and ``labels`` int64 N.
 
-    images: torch.Tensor
+    ``images`` is a tensor in memory, or (for a domain read from the cache) a
+    :class:`da3.data.cache.CachedImages` that reads the images asked for from disk; both
+    give a uint8 tensor for ``images[idx]`` (an index tensor or a slice), so code that takes
+    a batch at a time works with either. Whole-split code should take batches too.
+    """
+
+    images: Any
     labels: torch.Tensor
 
     def __len__(self) -> int:
@@ -51,7 +58,8 @@ class Split:
             rng = np.random.default_rng([seed, int(c)])
             keep.append(np.sort(rng.permutation(idx)[:n]))
         order = torch.from_numpy(np.sort(np.concatenate(keep)))
-        return Split(self.images[order], self.labels[order])
+        subset = getattr(self.images, "subset", None)  # images on disk stay on disk
+        return Split(self.images[order] if subset is None else subset(order), self.labels[order])
 
 
 @dataclass
@@ -65,6 +73,7 @@ class DomainData:
     test: Split
     image_size: int
     source: str
+    layout: str = ""  # how the splits were made, in words (for a folder: which layout)
 
     @property
     def num_classes(self) -> int:
@@ -72,6 +81,21 @@ class DomainData:
 
     def splits(self) -> dict[str, Split]:
         return {"train": self.train, "val": self.val, "test": self.test}
+
+    @property
+    def image_bytes(self) -> int:
+        """Bytes of one uint8 image."""
+        return 3 * self.image_size * self.image_size
+
+    def bytes_in_memory(self) -> int:
+        """Bytes this domain holds in memory: its labels, and its images unless they are
+        read from the cache file a batch at a time."""
+        total = 0
+        for split in self.splits().values():
+            total += split.labels.numel() * split.labels.element_size()
+            if isinstance(split.images, torch.Tensor):
+                total += split.images.numel() * split.images.element_size()
+        return total
 
     def counts(self) -> dict[str, int]:
         """Number of images per split, e.g. ``{"train": 2000, "val": 500, "test": 1000}``."""

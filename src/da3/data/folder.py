@@ -18,6 +18,12 @@ Images are converted to RGB (transparency onto white, EXIF rotation applied), th
 resized to the resolution and the centre cut out (PIL bilinear, antialiased). Splits: 60/10/30
 inside each class, same rule and seed as the benchmark domains.
 
+A folder that is already split, ``root/train/<class>/...`` beside ``root/val/<class>/...``
+and/or ``root/test/<class>/...`` (also ``valid/``, ``validation/``), keeps its splits; a split
+it lacks is taken out of ``train/`` by the rule's share (val 10%, test 30% of each class).
+The split folders must hold the same class folders, and a root must not mix split folders
+with class folders: either is a one-line error naming them.
+
 A prepared folder domain is cached like the benchmark ones, one entry per (absolute folder path,
 resolution), stamped with a fingerprint of every file's relative path, size and modification
 time: any change to the folder rebuilds the entry.
@@ -28,8 +34,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,21 +56,69 @@ IGNORED_FILES = frozenset({"thumbs.db", "desktop.ini"})
 SPLIT_FRACTIONS = (0.1, 0.3)  # val, test
 
 
+SPLIT_FOLDERS = {
+    "train": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+}
+
+
 def _skipped(name: str) -> bool:
     return name.startswith(".") or name.lower() in IGNORED_FILES
 
 
-def scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Class names and (file, class index) pairs of an ImageFolder tree, checked."""
-    if not root.exists():
-        raise Da3Error(f"{root}: no such file or folder")
-    if not root.is_dir():
-        raise Da3Error(f"{root}: not a folder (expected a folder with one sub-folder per class)")
+@dataclass
+class FolderScan:
+    """What a folder holds: its classes, its image files with their class index, and, when
+    the folder is already split (``root/train/<class>/...``), the split each file is in."""
+
+    root: Path
+    classes: list[str]
+    files: list[tuple[Path, int]]
+    given: dict[str, list[int]] | None = None  # split -> positions in ``files``
+
+    @property
+    def layout(self) -> str:
+        """The layout in words, as training prints it."""
+        if self.given is None:
+            return (
+                f"{len(self.classes)} class folders, split by da3 "
+                f"{round(100 * (1 - sum(SPLIT_FRACTIONS)))}/{round(100 * SPLIT_FRACTIONS[0])}/"
+                f"{round(100 * SPLIT_FRACTIONS[1])} per class"
+            )
+        found = [f"{s}/" for s in ("train", "val", "test") if s in self.given]
+        carved = [s for s in ("val", "test") if s not in self.given]
+        text = f"split folders {', '.join(found)} of {len(self.classes)} classes"
+        if carved:
+            shares = " and ".join(
+                f"{s} {round(100 * SPLIT_FRACTIONS[0 if s == 'val' else 1])}%" for s in carved
+            )
+            text += f" ({shares} of train/ per class, by da3's rule)"
+        return text
+
+
+def _subfolders(root: Path) -> list[str]:
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as err:
         raise Da3Error(f"{root}: cannot list folder ({err.strerror or err})") from err
-    classes = [e.name for e in entries if e.is_dir() and not _skipped(e.name)]
+    return [e.name for e in entries if e.is_dir() and not _skipped(e.name)]
+
+
+def scan(root: Path) -> FolderScan:
+    """The classes and image files of an ImageFolder tree (or one already split into
+    ``train/``, ``val/``, ``test/`` folders of class folders), checked."""
+    if not root.exists():
+        raise Da3Error(f"{root}: no such file or folder")
+    if not root.is_dir():
+        raise Da3Error(f"{root}: not a folder (expected a folder with one sub-folder per class)")
+    top = _subfolders(root)
+    splits = [d for d in top if d.lower() in SPLIT_FOLDERS]
+    if splits:
+        return _scan_split_folders(root, top, splits)
+    classes = top
     if not classes:
         raise Da3Error(f"{root}: no class sub-folders (put the images of each class in its own)")
     if len(classes) == 1:
@@ -74,7 +131,82 @@ def scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         if not found:
             raise Da3Error(f"{root / name}: class folder has no images")
         files.extend((path, index) for path in found)
-    return classes, files
+    return FolderScan(root, classes, files)
+
+
+def _scan_split_folders(root: Path, top: list[str], splits: list[str]) -> FolderScan:
+    others = [d for d in top if d not in splits]
+    if others:
+        raise Da3Error(
+            f"{root}: mixes split folders ({', '.join(splits)}) with other folders "
+            f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); put every class "
+            "folder inside the split folders, or use no split folders"
+        )
+    by_split: dict[str, str] = {}
+    for d in splits:
+        kind = SPLIT_FOLDERS[d.lower()]
+        if kind in by_split:
+            raise Da3Error(f"{root}: both {by_split[kind]}/ and {d}/ are a {kind} split")
+        by_split[kind] = d
+    if "train" not in by_split:
+        raise Da3Error(
+            f"{root}: has {', '.join(d + '/' for d in splits)} but no train/ folder to learn from"
+        )
+    classes = _subfolders(root / by_split["train"])
+    for d in by_split.values():
+        theirs = _subfolders(root / d)
+        if theirs != classes:
+            missing = [c for c in classes if c not in theirs]
+            extra = [c for c in theirs if c not in classes]
+            what = "; ".join(
+                part
+                for part in (
+                    f"{d}/ lacks {', '.join(missing[:5])}" if missing else "",
+                    f"{d}/ has {', '.join(extra[:5])} that {by_split['train']}/ has not"
+                    if extra
+                    else "",
+                )
+                if part
+            )
+            raise Da3Error(f"{root}: split folders have different classes ({what})")
+    if len(classes) < 2:
+        raise Da3Error(
+            f"{root / by_split['train']}: needs at least 2 class folders, found {len(classes)}"
+        )
+    files: list[tuple[Path, int]] = []
+    given: dict[str, list[int]] = {}
+    for kind in ("train", "val", "test"):
+        if kind not in by_split:
+            continue
+        given[kind] = []
+        for index, name in enumerate(classes):
+            found = _class_files(root / by_split[kind] / name)
+            if not found and kind == "train":
+                raise Da3Error(f"{root / by_split[kind] / name}: class folder has no images")
+            given[kind].extend(range(len(files), len(files) + len(found)))
+            files.extend((path, index) for path in found)
+    return FolderScan(root, classes, files, given)
+
+
+def split_plan(folder: FolderScan) -> dict[str, list[int]]:
+    """For train, val and test, the positions in ``folder.files`` of its images, in order.
+
+    A folder of class folders is split 60/10/30 inside each class (the rule of every
+    domain, :func:`da3.data.domain.split_indices`). A folder already split keeps its splits;
+    a split it lacks is taken out of ``train/`` with that rule's share (val 10%, test 30%
+    of each class's training images).
+    """
+    labels = np.array([label for _, label in folder.files], dtype=np.int64)
+    if folder.given is None:
+        parts = split_indices(labels, fraction_sizes(*SPLIT_FRACTIONS))
+        return {s: idx.tolist() for s, idx in zip(("train", "val", "test"), parts, strict=True)}
+    train = np.array(folder.given["train"], dtype=np.int64)
+    val_share = 0.0 if "val" in folder.given else SPLIT_FRACTIONS[0]
+    test_share = 0.0 if "test" in folder.given else SPLIT_FRACTIONS[1]
+    parts = split_indices(labels[train], fraction_sizes(val_share, test_share))
+    plan = {s: train[idx].tolist() for s, idx in zip(("train", "val", "test"), parts, strict=True)}
+    plan.update({s: folder.given[s] for s in ("val", "test") if s in folder.given})
+    return plan
 
 
 def _class_files(folder: Path) -> list[Path]:
@@ -127,27 +259,47 @@ def load_image(path: Path, image_size: int) -> np.ndarray:
     return to_chw(resize_square(picture, image_size, fit="crop"))
 
 
-def build(
-    root: Path,
-    classes: list[str],
-    files: list[tuple[Path, int]],
-    image_size: int,
-    progress: bool = False,
-) -> DomainData:
+def decode_chunks(
+    paths: list[Path], image_size: int, bar: Any = None, chunk: int = 64
+) -> Iterator[np.ndarray]:
+    """The images of ``paths`` decoded by a few threads, as uint8 arrays of at most
+    ``chunk`` images, in order: what is held at once is one chunk, not the folder."""
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        arrays = list(
-            tqdm(
-                pool.map(lambda item: load_image(item[0], image_size), files),
-                total=len(files),
-                desc=f"load {root.name}",
-                unit="img",
-                disable=not progress,
-                leave=False,
+        for i in range(0, len(paths), chunk):
+            part = paths[i : i + chunk]
+            arrays = list(pool.map(lambda p: load_image(p, image_size), part))
+            if bar is not None:
+                bar.update(len(part))
+            yield np.stack(arrays) if arrays else np.zeros((0, 3, image_size, image_size), np.uint8)
+
+
+def build(folder: FolderScan, image_size: int, progress: bool = False) -> DomainData:
+    """The whole domain decoded into memory (when the cache cannot be written)."""
+    plan = split_plan(folder)
+    labels = np.array([label for _, label in folder.files], dtype=np.int64)
+    splits = []
+    with tqdm(
+        total=len(folder.files),
+        desc=f"load {folder.root.name}",
+        unit="img",
+        disable=not progress,
+        leave=False,
+    ) as bar:
+        for s in ("train", "val", "test"):
+            paths = [folder.files[i][0] for i in plan[s]]
+            chunks = list(decode_chunks(paths, image_size, bar))
+            images = (
+                np.concatenate(chunks)
+                if chunks
+                else np.zeros((0, 3, image_size, image_size), np.uint8)
             )
-        )
-    images = np.stack(arrays)
-    labels = np.array([label for _, label in files], dtype=np.int64)
-    parts = split_indices(labels, fraction_sizes(*SPLIT_FRACTIONS))
-    splits = [Split(torch.from_numpy(images[idx]), torch.from_numpy(labels[idx])) for idx in parts]
-    return DomainData(root.name, classes, *splits, image_size=image_size, source=str(root))
+            splits.append(Split(torch.from_numpy(images), torch.from_numpy(labels[plan[s]])))
+    return DomainData(
+        folder.root.name,
+        folder.classes,
+        *splits,
+        image_size=image_size,
+        source=str(folder.root),
+        layout=folder.layout,
+    )

@@ -78,19 +78,39 @@ def convert_module(m: nn.Module) -> nn.Module:
     raise TypeError(f"no lean equivalent for {type(m).__name__}; add one in da3.lean")
 
 
-def to_lean(backbone: Backbone) -> Backbone:
-    """A lean copy of ``backbone`` (which is left untouched).
+def to_lean(backbone: Backbone, *, consume: bool = False) -> Backbone:
+    """A lean copy of ``backbone``.
 
     Every convolution is fused with the batch norm that follows it; all tensors of the copy
     are frozen (``requires_grad=False``). The classifier is kept as it is, frozen.
+
+    ``consume=True`` converts part by part and takes each converted part out of
+    ``backbone`` as it goes (and leaves out the ImageNet classifier, which no domain uses):
+    the frozen weights then exist once, plus one block's new form at a time, instead of
+    twice. ``backbone`` is left empty; use it no more.
     """
-    classifier = copy.deepcopy(backbone.classifier)
+
+    def convert(owner: nn.Module, name: str) -> nn.Module:
+        lean = convert_module(getattr(owner, name))
+        if consume:
+            setattr(owner, name, nn.Identity())  # the stock part is released here
+        return lean
+
+    stem = convert(backbone, "stem")
+    blocks = [convert(backbone.blocks, str(i)) for i in range(len(backbone.blocks))]
+    neck = convert(backbone, "neck")
+    pool = convert(backbone, "pool")
+    if consume:
+        backbone.classifier = nn.Identity()
+        classifier = nn.Identity()
+    else:
+        classifier = copy.deepcopy(backbone.classifier)
     lean = Backbone(
         name=backbone.name,
-        stem=convert_module(backbone.stem),
-        blocks=[convert_module(b) for b in backbone.blocks],
-        neck=convert_module(backbone.neck),
-        pool=convert_module(backbone.pool),
+        stem=stem,
+        blocks=blocks,
+        neck=neck,
+        pool=pool,
         classifier=classifier,
         feature_dim=backbone.feature_dim,
         preprocess=backbone.preprocess,

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
 
-from da3.backbones.efficientnet_lite import pad_same
+from da3.backbones.base import pad_same
 
 # ---------------------------------------------------------------------------------------
 # bit packing

@@ -47,8 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from da3.backbones.base import Block
-from da3.backbones.efficientnet_lite import same_padding
+from da3.backbones.base import Block, same_padding
 from da3.lean import LeanConv2d, share_clone
 from da3.methods.base import AdaptedModel, FrozenBackbone, MethodConfig, new_head, register_method
 from da3.methods.finetune import _Features

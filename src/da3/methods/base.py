@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable
@@ -16,32 +17,99 @@ from da3.backbones import Backbone, weights_fingerprint
 from da3.errors import Da3Error
 from da3.lean import to_lean
 
+FROZEN_FORMS = ("both", "lean", "stock")
+
 
 class FrozenBackbone:
     """One pretrained backbone, frozen, shared by every domain.
 
-    ``stock`` is the network as built; ``lean`` its memory-lean form (built once, on first
-    use). Methods never modify either: they clone structure and add their own tensors.
+    ``stock`` is the network as built; ``lean`` its memory-lean form (built on first use).
+    Methods never modify either: they clone structure and add their own tensors.
+
+    ``forms`` says which forms this process may hold, and so how much memory the frozen
+    weights take:
+
+    * ``"both"`` (the default, for a library user who mixes methods): the stock form is
+      kept, and the lean form built beside it when a method asks for it;
+    * ``"lean"``: the stock network is converted into the lean form at once, part by part,
+      and released: the frozen weights are held once (what a run of any method but
+      ``finetune`` needs);
+    * ``"stock"``: no lean form; the stock network may be handed, without a copy, to the one
+      model that trains it (:meth:`trainable_copy`, ``finetune`` in a run of its own).
+
+    The fingerprint is always that of the stock weights as loaded (for ``"lean"`` and
+    ``"stock"``, taken before they are converted or trained).
     """
 
-    def __init__(self, backbone: Backbone) -> None:
-        self.stock = backbone.requires_grad_(False).eval()
+    def __init__(self, backbone: Backbone, forms: str = "both") -> None:
+        if forms not in FROZEN_FORMS:
+            raise Da3Error(f"frozen forms {forms!r}: choose from {', '.join(FROZEN_FORMS)}")
+        backbone.requires_grad_(False).eval()
+        self.forms = forms
+        self.name = backbone.name
+        self.feature_dim = backbone.feature_dim
+        self.preprocess = backbone.preprocess
+        self.weights = backbone.weights
+        self._stock: Backbone | None = backbone
+        self._lean: Backbone | None = None
+        self._given_away = False
+        if forms != "both":
+            self.__dict__["fingerprint"] = weights_fingerprint(backbone)  # before it changes
+        if forms == "lean":
+            self._lean = to_lean(backbone, consume=True)
+            self._stock = None
 
-    @cached_property
+    @property
+    def stock(self) -> Backbone:
+        if self._stock is None:
+            why = "handed to the model that trains it" if self._given_away else "released"
+            raise Da3Error(
+                f"the stock form of backbone {self.name} was {why} in this process "
+                f"(frozen forms {self.forms!r}); create the model with forms='both' to use it"
+            )
+        return self._stock
+
+    @property
     def lean(self) -> Backbone:
-        return to_lean(self.stock)
+        if self._lean is None:
+            if self.forms == "stock":
+                raise Da3Error(
+                    f"backbone {self.name} is held in its stock form only in this process "
+                    "(frozen forms 'stock'); create the model with forms='both' to use a "
+                    "method that needs the lean form"
+                )
+            self._lean = to_lean(self.stock)
+        return self._lean
+
+    def trainable_copy(self) -> Backbone:
+        """A stock network to train in full: with forms ``"stock"`` the network itself
+        (once; nothing else in the process reads it after), otherwise a deep copy."""
+        if self.forms == "stock" and self._stock is not None:
+            backbone, self._stock, self._given_away = self._stock, None, True
+            return backbone
+        return copy.deepcopy(self.stock)
 
     @cached_property
     def fingerprint(self) -> str:
-        return weights_fingerprint(self.stock)
+        return weights_fingerprint(self.stock)  # forms "both": when first asked for
 
-    @property
-    def name(self) -> str:
-        return self.stock.name
+    def held(self) -> list[Backbone]:
+        """The forms in memory now."""
+        return [b for b in (self._stock, self._lean) if b is not None]
 
-    @property
-    def feature_dim(self) -> int:
-        return self.stock.feature_dim
+    def weight_bytes(self) -> int:
+        """Bytes of the frozen tensors held (each storage once)."""
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for b in self.held()
+            for t in list(b.parameters()) + list(b.buffers())
+        }
+        return sum(storages.values())
+
+    def to(self, device: str) -> FrozenBackbone:
+        for b in self.held():
+            b.to(device)
+        return self
 
 
 class CacheableFeatures(nn.Module):
@@ -93,7 +161,7 @@ class AdaptedModel(nn.Module):
         self.features = features
         self.head = head
         self.method = method
-        self._shared = _storage_ptrs(frozen.stock) | _storage_ptrs(frozen.lean)
+        self._shared = set().union(*(_storage_ptrs(b) for b in frozen.held()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -110,6 +178,11 @@ class AdaptedModel(nn.Module):
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """A method's extra training loss from the last forward (e.g. a compute budget)."""
+        return None
+
+    def batch_coupling(self) -> str | None:
+        """What, besides batch norm in training mode, makes a sample's gradient depend on
+        the other samples of its batch (so micro-batches are not exact), or None."""
         return None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -202,16 +275,22 @@ class MethodEntry:
     config_class: type[MethodConfig]
     build: Callable[[FrozenBackbone, int, MethodConfig], AdaptedModel]
     summary: str
+    frozen_form: str = "lean"  # the form of the frozen backbone it reads (FrozenBackbone)
 
 
 _METHODS: dict[str, MethodEntry] = {}
 
 
-def register_method(name: str, config_class: type[MethodConfig], summary: str):
-    """Register ``build(frozen, num_classes, config) -> AdaptedModel`` under ``name``."""
+def register_method(
+    name: str, config_class: type[MethodConfig], summary: str, *, frozen_form: str = "lean"
+):
+    """Register ``build(frozen, num_classes, config) -> AdaptedModel`` under ``name``.
+
+    ``frozen_form``: which form of the frozen backbone the method reads, ``"lean"`` (the
+    memory-lean engine) or ``"stock"``; a run of the method alone holds only that one."""
 
     def deco(fn):
-        _METHODS[name] = MethodEntry(name, config_class, fn, summary)
+        _METHODS[name] = MethodEntry(name, config_class, fn, summary, frozen_form)
         return fn
 
     return deco
@@ -238,8 +317,13 @@ def make_config(method: str, overrides: dict | None = None) -> MethodConfig:
     return parse_config(method, overrides or {})
 
 
-def _coerce(method: str, f: dataclasses.Field, value):
-    """``value`` (from JSON, YAML or a ``key=value`` string) as the field's type."""
+_KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
+
+
+def coerce_setting(owner: str, f: dataclasses.Field, value):
+    """``value`` (from JSON, YAML or a ``key=value`` string) as the type of setting ``f``
+    (of ``owner``: a method's config, or the run's settings); one-line Da3Error if it is
+    not one. The one place settings are coerced."""
     kind = (
         f.type
         if isinstance(f.type, type)
@@ -269,7 +353,7 @@ def _coerce(method: str, f: dataclasses.Field, value):
         pass
     else:
         return value
-    raise Da3Error(f"{method}: config key {f.name!r} expects {kind.__name__}, got {value!r}")
+    raise Da3Error(f"{owner}: setting {f.name!r} expects {_KIND_WORDS[kind]}, got {value!r}")
 
 
 def parse_config(method: str, values: dict) -> MethodConfig:
@@ -280,7 +364,7 @@ def parse_config(method: str, values: dict) -> MethodConfig:
     for key, value in values.items():
         if key not in fields:
             raise Da3Error(f"{method}: unknown config key {key!r}; known: {', '.join(fields)}")
-        typed[key] = _coerce(method, fields[key], value)
+        typed[key] = coerce_setting(method, fields[key], value)
     return cls(**typed)
 
 

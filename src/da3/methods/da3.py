@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
-from torch.utils.flop_counter import FlopCounterMode
 
 from da3.backbones.base import Backbone, Block
 from da3.errors import Da3Error
@@ -253,6 +252,11 @@ class DA3Model(AdaptedModel):
     def gated_blocks(self) -> list[DA3Block]:
         return [m for m in self.modules() if isinstance(m, DA3Block) and m.gate is not None]
 
+    def batch_coupling(self) -> str | None:
+        if self.gated_blocks():
+            return "the gates' FLOP budget is a function of each micro-batch's mean gate"
+        return None
+
     def auxiliary_loss(self) -> torch.Tensor | None:
         blocks = self.gated_blocks()
         if not blocks or not self.training or blocks[0].last_gate is None:
@@ -272,6 +276,10 @@ def _probe(backbone: Backbone, image_size: int) -> torch.Tensor:
 
 def _branch_flop_fractions(backbone: Backbone, blocks: list[int], image_size: int = 64) -> dict:
     """Each chosen block's branch FLOPs as a fraction of the whole network's."""
+    # imported here: the FLOP counter costs ~80 MiB of resident memory (it pulls in torch's
+    # decompositions), which a run without gates does not pay
+    from torch.utils.flop_counter import FlopCounterMode
+
     x = _probe(backbone, image_size)
     with torch.no_grad():
         total = FlopCounterMode(display=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -27,9 +26,11 @@ class _Features(nn.Module):
         return self.backbone.forward_features(x)
 
 
-@register_method("finetune", FinetuneConfig, "all weights train (stock modules)")
+@register_method(
+    "finetune", FinetuneConfig, "all weights train (stock modules)", frozen_form="stock"
+)
 def build(frozen: FrozenBackbone, num_classes: int, config: FinetuneConfig) -> AdaptedModel:
-    backbone = copy.deepcopy(frozen.stock).requires_grad_(True)
+    backbone = frozen.trainable_copy().requires_grad_(True)
     backbone.classifier = nn.Identity()  # the ImageNet head is not used
     return AdaptedModel(
         _Features(backbone), new_head(frozen.feature_dim, num_classes), frozen, "finetune"

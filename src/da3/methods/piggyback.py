@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
 
-from da3.backbones.efficientnet_lite import same_padding
+from da3.backbones.base import same_padding
 from da3.errors import Da3Error
 from da3.lean import LeanConv2d, pack_bits, share_clone, unpack_bits
 from da3.methods.base import AdaptedModel, FrozenBackbone, MethodConfig, new_head, register_method
