@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from da3.errors import Da3Error
-from da3.memory import ProcessMemory, tensor_bytes
+from da3.memory import ProcessMemory, release_memory, tensor_bytes
 from da3.methods import get_method, parse_config
 from da3.methods.base import coerce_setting
 
@@ -317,12 +317,9 @@ def train_domain(
     across domains); by default a new one holding the backbone in the form the method
     needs. ``echo``: where the run's lines go (default: print, unless ``progress`` is off).
     """
-    from da3.backbones import create_backbone
-    from da3.data import class_count, load_domain
-    from da3.domains import DomainStore, MultiDomainModel, check_name
-    from da3.io import write_json, write_text
+    from da3.domains import DomainStore, check_name
+    from da3.io import write_json
     from da3.plots import plot_curves
-    from da3.train import check_cacheable, evaluate, fit_domain
 
     meter = ProcessMemory()
     say = echo or _say(progress)
@@ -330,6 +327,52 @@ def train_domain(
     store = store if isinstance(store, DomainStore) else DomainStore(store)
     if store.exists(name) and not (overwrite or resume):
         raise Da3Error(f"domain {name!r} exists in {store.root}; use --overwrite to replace it")
+    run_dir = store.root / "runs" / name
+    # Everything the run holds lives in _fit_and_save and is gone when it returns: what
+    # comes after (the plot) starts from the runtime, not on top of the training's state.
+    record = _fit_and_save(settings, store, run_dir, model, meter, say, resume, progress)
+    release_memory()
+    with meter.phase("plot"):
+        plot_curves(
+            record["history"],
+            run_dir / "curves.png",
+            title=f"{name} ({settings.method})",
+            best_epoch=record["metrics"]["best_epoch"],
+            test_accuracy=record["metrics"]["test_accuracy"],
+        )
+    memory = {**meter.record(), **record["parts"]}
+    plan = record["plan"]
+    if plan is not None:
+        memory["plan"] = dataclasses.asdict(plan) | {"estimate_bytes": plan.estimate()}
+    write_json(
+        run_dir / "history.json",
+        {"history": record["history"], "metrics": record["metrics"], "memory": memory},
+    )
+    if plan is not None and memory["peak_above_runtime_bytes"] > plan.budget:
+        say(
+            f"warning: the run went over its memory budget: peak "
+            f"{memory['peak_above_runtime_bytes'] / MiB:.1f} MiB above the runtime, budget "
+            f"{plan.budget / MiB:.1f} MiB"
+        )
+    return TrainedDomain(
+        name=name,
+        file=store.paths(name)[0],
+        run_dir=run_dir,
+        metrics=record["metrics"],
+        history=record["history"],
+        memory=memory,
+        settings=settings,
+    )
+
+
+def _fit_and_save(settings, store, run_dir, model, meter, say, resume, progress) -> dict:
+    from da3.backbones import create_backbone
+    from da3.data import class_count, load_domain
+    from da3.domains import MultiDomainModel
+    from da3.io import write_text
+    from da3.train import check_cacheable, evaluate, fit_domain, micro_batch_coupling
+
+    name = settings.domain
     config, tc = settings.config(), settings.train_config()
     entry = get_method(settings.method)
     count = class_count(settings.data, settings.image_size)
@@ -348,6 +391,7 @@ def train_domain(
             settings.image_size,
             seed=settings.seed,
         )
+        release_memory()  # what loading and converting the weights freed
     if tc.cache_features:
         check_cacheable(domain.model)  # before anything of the run is written
     plan = None
@@ -362,8 +406,6 @@ def train_domain(
             f"{plan.micro_batch} of {settings.batch_size}: estimate "
             f"{plan.estimate() / MiB:.1f} MiB ({plan.describe()})"
         )
-    from da3.train import micro_batch_coupling
-
     if tc.step_batch < tc.batch_size:
         coupled = micro_batch_coupling(domain.model)
         say(
@@ -381,7 +423,6 @@ def train_domain(
     domain.classes = list(data.classes)
     domain.source = settings.data
     say(describe_data(data))
-    run_dir = store.root / "runs" / name
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -420,6 +461,7 @@ def train_domain(
         "micro_batch": tc.step_batch,
         "batch_size": tc.batch_size,
     }
+    release_memory()
     with meter.phase("test"):
         domain.model.load_domain_state(result.best_state)
         test = evaluate(
@@ -440,29 +482,7 @@ def train_domain(
     domain.train = {k: getattr(settings, k) for k in settings.TRAIN_KEYS} | {"data": settings.data}
     with meter.phase("save"):
         model.save(name, store)
-        plot_curves(result.history, run_dir / "curves.png", title=f"{name} ({settings.method})")
-    memory = {**meter.record(), **parts}
-    if plan is not None:
-        memory["plan"] = dataclasses.asdict(plan) | {"estimate_bytes": plan.estimate()}
-    write_json(
-        run_dir / "history.json",
-        {"history": result.history, "metrics": domain.metrics, "memory": memory},
-    )
-    if plan is not None and memory["peak_above_runtime_bytes"] > plan.budget:
-        say(
-            f"warning: the run went over its memory budget: peak "
-            f"{memory['peak_above_runtime_bytes'] / MiB:.1f} MiB above the runtime, budget "
-            f"{plan.budget / MiB:.1f} MiB"
-        )
-    return TrainedDomain(
-        name=name,
-        file=store.paths(name)[0],
-        run_dir=run_dir,
-        metrics=domain.metrics,
-        history=result.history,
-        memory=memory,
-        settings=settings,
-    )
+    return {"metrics": domain.metrics, "history": result.history, "parts": parts, "plan": plan}
 
 
 def describe_data(data) -> str:

@@ -196,5 +196,5 @@ def weights_fingerprint(backbone: nn.Module) -> str:
     for key, t in sorted(backbone.state_dict().items()):
         h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
         flat = t.detach().cpu().contiguous().reshape(-1)
-        h.update(flat.view(torch.uint8).numpy().tobytes())
+        h.update(flat.view(torch.uint8).numpy())  # hashed in place, no copy of the bytes
     return h.hexdigest()
