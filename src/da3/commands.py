@@ -198,7 +198,35 @@ def train_domain(
     model=None,
 ) -> dict:
     """Train domain ``run['domain']`` and save it; returns its metadata. Shared by the
-    ``train`` command and the demo (which passes its own :class:`MultiDomainModel`)."""
+    ``train`` command and the demo (which passes its own :class:`MultiDomainModel`).
+
+    The name is locked in the store for the whole run, before anything is written
+    (:meth:`DomainStore.lock`): a second writer of the same name, ``overwrite`` or not,
+    is refused at once and this run's files are left alone."""
+    from da3.domains import DomainStore, check_name
+
+    with DomainStore(store_dir).lock(check_name(run["domain"])):
+        return _train_domain_locked(
+            run,
+            method_values,
+            store_dir,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+            model=model,
+        )
+
+
+def _train_domain_locked(
+    run: dict,
+    method_values: dict,
+    store_dir: Path,
+    *,
+    resume=False,
+    overwrite=False,
+    progress=True,
+    model=None,
+) -> dict:
     import yaml
 
     from da3.backbones import create_backbone
@@ -211,6 +239,7 @@ def train_domain(
     store = DomainStore(store_dir)
     if store.exists(name) and not (overwrite or resume):
         raise Da3Error(f"domain {name!r} exists in {store.root}; use --overwrite to replace it")
+    checkpoints = store.checkpoint_dir(name, resume=resume)  # this run's own folder
     config = parse_config(run["method"], method_values)
     tc = TrainConfig(**{k: run[k] for k in TRAIN_KEYS if k in run})
     data = load_domain(run["data"], run["image_size"], progress=progress)
@@ -224,7 +253,7 @@ def train_domain(
     domain.source = run["data"]
     if tc.cache_features:
         check_cacheable(domain.model)  # before anything of the run is written
-    run_dir = store.root / "runs" / name
+    run_dir = store.run_dir(name)
     resolved = {**run, "config": dataclasses.asdict(config)}
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -237,7 +266,7 @@ def train_domain(
         model.preprocess,
         config,
         tc,
-        run_dir=run_dir,
+        run_dir=checkpoints,
         resume=resume,
         progress=progress,
         fingerprint={
@@ -266,6 +295,7 @@ def train_domain(
     write_json(run_dir / "history.json", {"history": result.history, "metrics": domain.metrics})
     plot_curves(result.history, run_dir / "curves.png", title=f"{name} ({run['method']})")
     model.save(name, store)
+    store.prune_checkpoints(name, keep=checkpoints)  # the other runs' are superseded now
     return {
         "name": name,
         "metrics": domain.metrics,
@@ -431,7 +461,8 @@ def run_domains_delete(args) -> int:
     from da3.domains import DomainStore
 
     store = DomainStore(args.store)
-    store.delete(args.name)
+    with store.lock(args.name):  # not while it is being trained
+        store.delete(args.name)
     print(f"deleted domain {args.name!r} from {store.root}")
     return 0
 

@@ -11,17 +11,28 @@ disk it is two files in a store folder (format in docs/format.md):
 Both are written atomically (temporary file, fsync, rename), tensors first. Nothing is
 pickled. Training or adding a domain never touches another domain's tensors: their outputs
 stay the same bit for bit.
+
+One store, many processes: a writer holds the domain's name (:meth:`DomainStore.lock`, a
+``flock`` on ``.locks/NAME.lock`` that the kernel drops when the process ends, however it
+ends) for its whole run; a second writer of the same name is refused at once, naming the
+first. Readers take no lock: the atomic renames mean they see the old domain or the new
+one, never half of one. Each training run keeps its checkpoints in a folder of its own
+(:meth:`DomainStore.checkpoint_dir`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 import re
 import secrets
 import shutil
+import socket
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +55,11 @@ from da3.methods import (
 FORMAT = "da3-domain"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None
 
 
 def check_name(name: str) -> str:
@@ -71,6 +87,10 @@ class Domain:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+class DomainLocked(Da3Error):
+    """The domain's name is held by another writer (see :meth:`DomainStore.lock`)."""
 
 
 class DomainStore:
@@ -162,6 +182,111 @@ class DomainStore:
 
     def size_bytes(self, name: str) -> int:
         return self.paths(name)[0].stat().st_size
+
+    # -- writers: one at a time per name ----------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold domain ``name`` for writing until the block ends.
+
+        An exclusive ``flock`` on ``ROOT/.locks/NAME.lock``, which records who holds it
+        (process id, host, command line, start time). Another holder of the same name makes
+        this raise :class:`DomainLocked` at once, naming that process: no waiting, nothing
+        of theirs touched. The kernel drops the lock when the holding process ends, however
+        it ends (``kill -9`` included), so a lock is never left stale. Readers take no lock.
+        """
+        check_name(name)
+        if fcntl is None:
+            raise Da3Error("locking a domain needs fcntl.flock (Linux, macOS); not available")
+        path = self.root / ".locks" / f"{name}.lock"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise Da3Error(f"{self.root}: cannot write here ({err.strerror})") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DomainLocked(self._locked_message(name, fd)) from None
+            holder = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "command": _command_line(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)  # the record goes with the lock
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _locked_message(self, name: str, fd: int) -> str:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0).decode())
+            who = f"process {int(holder['pid'])} on {holder['host']}"
+            what = f" ({' '.join(str(holder['command']).split())}, started {holder['started']})"
+        except (OSError, ValueError, KeyError, TypeError):  # taken a moment ago, not yet written
+            who, what = "another process", ""
+        return (
+            f"domain {name!r} in {self.root} is being written by {who}{what}; "
+            "wait for it to finish or use another name"
+        )
+
+    # -- training runs ------------------------------------------------------------------------
+
+    def run_dir(self, name: str) -> Path:
+        """``ROOT/runs/NAME``: the settings, history and curves of the name's last run."""
+        return self.root / "runs" / check_name(name)
+
+    def checkpoint_dir(self, name: str, resume: bool = False) -> Path:
+        """Where a run of ``name`` keeps its checkpoints: a new folder of its own,
+        ``runs/NAME/checkpoints/<UTC start time>-<pid>`` (created by the first write), or
+        with ``resume`` the folder of the most recently started run that left a checkpoint.
+        A run folder from before these existed (``runs/NAME/checkpoint.json``) resumes too."""
+        if resume:
+            found = self.checkpoint_dirs(name)
+            if found:
+                return found[-1]
+            legacy = self.run_dir(name)
+            if (legacy / "checkpoint.json").is_file():
+                return legacy
+            raise Da3Error(f"{legacy}: no checkpoint to resume from")
+        now = time.time()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+        return (
+            self.run_dir(name) / "checkpoints" / f"{stamp}.{int(now % 1 * 1e6):06d}Z-{os.getpid()}"
+        )
+
+    def checkpoint_dirs(self, name: str) -> list[Path]:
+        """The checkpoint folders of ``name`` that hold a checkpoint, oldest first."""
+        folder = self.run_dir(name) / "checkpoints"
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if (p / "checkpoint.json").is_file())
+
+    def prune_checkpoints(self, name: str, keep: Path) -> None:
+        """Remove the checkpoints of ``name``'s other runs (call it holding the lock, once
+        the run that wrote ``keep`` has saved the domain: the others are superseded)."""
+        folder = self.run_dir(name) / "checkpoints"
+        others = [p for p in folder.iterdir() if p != keep] if folder.is_dir() else []
+        for p in others:
+            shutil.rmtree(p, ignore_errors=True)
+        if keep != self.run_dir(name):  # a legacy checkpoint beside the run's other files
+            for p in ("checkpoint.safetensors", "checkpoint.json"):
+                (self.run_dir(name) / p).unlink(missing_ok=True)
+
+
+def _command_line() -> str:
+    """This process's command line, for the lock record (``da3 ...`` for da3's command)."""
+    argv = sys.argv or ["python"]
+    program = Path(argv[0]).name or "python"
+    if program in ("da3", "cli.py") and Path(argv[0]).parent.name in ("bin", "da3", "Scripts"):
+        program = "da3"
+    return " ".join([program, *argv[1:]])[:300]
 
 
 def _build_id(path: Path) -> str | None:
