@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -110,25 +111,52 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
+MAX_YAML_BYTES = 2**20  # a settings file is a few hundred bytes
+
+
 def _read_yaml(path: Path) -> dict:
+    """Settings from a YAML file: a mapping of names to single values. The ``config.yaml``
+    of a run folder reads too: its ``config`` mapping holds the method's keys."""
     import yaml
 
+    from da3.io import one_line, read_bytes
+
+    text = read_bytes(path, MAX_YAML_BYTES, "settings file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise Da3Error(f"{path}: file not found") from None
-    except (OSError, yaml.YAMLError) as err:
-        raise Da3Error(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+        data = yaml.safe_load(text.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError) as err:
+        detail = "nested too deeply" if isinstance(err, RecursionError) else one_line(err)
+        raise Da3Error(f"{path}: not valid YAML ({detail})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise Da3Error(f"{path}: expected a mapping of settings")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    nested = data.pop("config", None)
+    if nested is not None and not isinstance(nested, dict):
+        raise Da3Error(f"{path}: 'config' must be a mapping of method settings")
+    out = {}
+    for key, value in [*(nested or {}).items(), *data.items()]:
+        # A single value each: a list or mapping (YAML aliases can make one enormous) is
+        # refused here rather than printed or converted later.
+        if not isinstance(key, str | int | float | bool):
+            raise Da3Error(f"{path}: a setting's name must be a word, got a {type(key).__name__}")
+        if value is not None and not isinstance(value, str | int | float | bool):
+            raise Da3Error(f"{path}: setting {_short(key)} must be a single value")
+        out[str(key).replace("-", "_")] = value
+    return out
+
+
+def _short(value, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters, for a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def resolve_settings(args) -> tuple[dict, dict]:
     """(run settings, method config values) from defaults, YAML, flags and key=value."""
-    from da3.methods import get_method
+    from da3.backbones import list_backbones
+    from da3.data.imaging import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+    from da3.methods import get_method, parse_config
     from da3.train import TrainConfig
 
     defaults = {
@@ -139,40 +167,93 @@ def resolve_settings(args) -> tuple[dict, dict]:
         **{f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in TRAIN_KEYS},
     }
     values = dict(defaults)
+    from_file: set[str] = set()
     if args.config is not None:
-        values.update(_read_yaml(args.config))
-    values.update({k: getattr(args, k) for k in RUN_KEYS if getattr(args, k, None) is not None})
-    values.update(_parse_overrides(args.overrides))
+        loaded = _read_yaml(args.config)
+        values.update(loaded)
+        from_file = set(loaded)
+    flags = {k: getattr(args, k) for k in RUN_KEYS if getattr(args, k, None) is not None}
+    overrides = _parse_overrides(args.overrides)
+    values.update(flags)
+    values.update(overrides)
+    from_file -= set(flags) | set(overrides)
+
+    def at(*keys: str) -> str:
+        """Where a faulty value came from, when it was the settings file."""
+        return f"{args.config}: " if from_file.intersection(keys) else ""
+
+    @contextlib.contextmanager
+    def blaming(*keys: str):
+        try:
+            yield
+        except Da3Error as err:
+            raise Da3Error(f"{at(*keys)}{err}") from None
+
     run = {k: values.pop(k) for k in RUN_KEYS if k in values}
     for key in ("domain", "data"):
         if not run.get(key):
             raise Da3Error(f"train: --{key} is required")
-    get_method(run["method"])
+    for key in ("domain", "data", "method", "backbone", "weights", "device", "cache_dtype"):
+        value = run[key]
+        if (key != "weights" or value is not None) and (
+            not isinstance(value, str) or "\0" in value
+        ):
+            raise Da3Error(f"{at(key)}setting {key!r} expects a word, got {_short(value)}")
+    with blaming("method"):
+        get_method(run["method"])
     known = {f.name for f in dataclasses.fields(get_method(run["method"]).config_class)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise Da3Error(
-            f"unknown setting {unknown[0]!r}; run settings: {', '.join(RUN_KEYS)}; "
-            f"{run['method']} config: {', '.join(sorted(known))}"
+            f"{at(unknown[0])}unknown setting {_short(unknown[0])}; run settings: "
+            f"{', '.join(RUN_KEYS)}; {run['method']} config: {', '.join(sorted(known))}"
         )
     for key, kind in (("epochs", int), ("batch_size", int), ("seed", int), ("image_size", int)):
+        value = run[key]
         try:
-            run[key] = kind(run[key])
-        except (TypeError, ValueError):
-            raise Da3Error(f"setting {key!r} expects an integer, got {run[key]!r}") from None
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            run[key] = kind(value)
+        except (TypeError, ValueError, OverflowError):
+            raise Da3Error(
+                f"{at(key)}setting {key!r} expects an integer, got {_short(value)}"
+            ) from None
         if run[key] < (0 if key == "seed" else 1):
-            raise Da3Error(f"setting {key!r} must be positive, got {run[key]}")
+            raise Da3Error(f"{at(key)}setting {key!r} must be positive, got {run[key]}")
+    if not MIN_IMAGE_SIZE <= run["image_size"] <= MAX_IMAGE_SIZE:
+        raise Da3Error(
+            f"{at('image_size')}setting 'image_size' must be between {MIN_IMAGE_SIZE} and "
+            f"{MAX_IMAGE_SIZE}, got {run['image_size']}"
+        )
+    if run["backbone"] not in list_backbones():  # before any data is loaded
+        raise Da3Error(
+            f"{at('backbone')}unknown backbone {_short(run['backbone'])}; choose from "
+            f"{', '.join(list_backbones())}"
+        )
     for key in ("augment", "cache_features"):
         text = str(run[key]).lower()
         if text not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            raise Da3Error(f"setting {key!r} expects true or false, got {run[key]!r}")
+            raise Da3Error(
+                f"{at(key)}setting {key!r} expects true or false, got {_short(run[key])}"
+            )
         run[key] = text in ("1", "true", "yes", "on")
-    TrainConfig(**{k: run[k] for k in TRAIN_KEYS})  # checks that need no data (cache vs augment)
-    check_device(run["device"])
+    with blaming(*TRAIN_KEYS):
+        TrainConfig(**{k: run[k] for k in TRAIN_KEYS})  # the checks that need no data
+    with blaming("device"):
+        check_device(run["device"])
+    with blaming(*values):  # the method's keys from the file alone, so a fault names it
+        parse_config(run["method"], {k: v for k, v in values.items() if k in from_file})
     # A folder given relative to here is recorded absolute, so `eval` works from anywhere.
     from da3.data import BENCHMARK_DOMAINS
 
-    if run["data"] not in BENCHMARK_DOMAINS and Path(str(run["data"])).exists():
+    try:
+        local = run["data"] not in BENCHMARK_DOMAINS and Path(run["data"]).exists()
+    except OSError as err:  # a name no file system takes (too long, say)
+        raise Da3Error(
+            f"{at('data')}setting 'data' {_short(run['data'])}: not a benchmark domain or a "
+            f"folder ({err.strerror})"
+        ) from None
+    if local:
         run["data"] = str(Path(run["data"]).resolve())
     return run, values
 
@@ -181,7 +262,7 @@ def check_device(device: str) -> str:
     import torch
 
     if device not in ("cpu", "cuda"):
-        raise Da3Error(f"setting 'device' must be cpu or cuda, got {device!r}")
+        raise Da3Error(f"setting 'device' must be cpu or cuda, got {_short(device)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise Da3Error("device cuda: no CUDA device is available on this machine")
     return device

@@ -147,6 +147,8 @@ class AdaptedModel(nn.Module):
                 raise Da3Error(
                     f"domain state {k}: shape {tuple(state[k].shape)} != {tuple(t.shape)}"
                 )
+            if t.dtype != state[k].dtype:  # copy_ would convert it silently
+                raise Da3Error(f"domain state {k}: dtype {state[k].dtype} != {t.dtype}")
             t.copy_(state[k])
         return missing
 
@@ -269,7 +271,8 @@ def _coerce(method: str, f: dataclasses.Field, value):
         pass
     else:
         return value
-    raise Da3Error(f"{method}: config key {f.name!r} expects {kind.__name__}, got {value!r}")
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    raise Da3Error(f"{method}: config key {f.name!r} expects {kind.__name__}, got {shown}")
 
 
 def parse_config(method: str, values: dict) -> MethodConfig:
