@@ -698,6 +698,30 @@ def test_image_file(tmp_path_factory, data):
         c.outcome = _load(path)
 
 
+@pytest.mark.parametrize(
+    "picture",
+    [
+        lambda: Image.new("RGB", (1, 2_400_000)),  # scaled whole to 32 px: 32 x 77M, 3 GB
+        lambda: Image.new("I;16", (3000, 3000)),  # as float64 all at once: 8 bytes a pixel
+        lambda: Image.new("RGB", (5000, 5000)),  # copied by exif_transpose, then convert
+    ],
+    ids=["thin strip", "16-bit", "large RGB"],
+)
+def test_campaign_findings_stay_small(tmp_path, picture):
+    """What the fuzzing campaign found: legal pictures (within PIL's pixel limit) that took
+    gigabytes, or half a minute, to become 32 x 32."""
+    path = tmp_path / "picture.png"
+    image = picture()
+    image.save(path)
+    decoded = image.width * image.height * (2 if image.mode == "I;16" else 4)
+    held = _reset_peak()
+    t0 = time.perf_counter()
+    assert load_image(path, 32).shape == (3, 32, 32)
+    assert time.perf_counter() - t0 < 10
+    if held is not None:  # about one decoded copy, plus what PNG decoding itself holds
+        assert _status_bytes("VmHWM") - held < 2 * decoded + 64 * 2**20
+
+
 @pytest.mark.parametrize("size", [(10_000, 10_000), (100_000, 100_000)], ids=["1.1x", "100x"])
 def test_decompression_bomb_is_one_line(domains, tmp_path, capsys, size):
     """Over PIL's limit (89 Mpx) PIL warns and decodes, or (over twice) raises: both are one

@@ -132,7 +132,11 @@ def load_image(path: Path, image_size: int) -> np.ndarray:
                     "decompression bomb"
                 )
             image.load()
-            picture = flatten_alpha(ImageOps.exif_transpose(image)).convert("RGB")
+            # in place, and no conversion to what it is already: a large picture is not
+            # copied (its decoded pixels are the memory a file can make da3 take)
+            ImageOps.exif_transpose(image, in_place=True)
+            picture = flatten_alpha(image)
+            picture = picture if picture.mode == "RGB" else picture.convert("RGB")
     except Da3Error:
         raise
     except Exception as err:
