@@ -421,12 +421,21 @@ def test_domain_json_file(domains, capsys, data):
     [
         lambda m: m["config"].update(width=10**12, max_hidden=10**12, hidden_ratio=1e9),
         lambda m: m["config"].update(reduction=10**15),  # shapes as before: it loads
+        lambda m: m["config"].update(blocks="0-999999999"),  # was a list of 10^9 indices
         lambda m: m.update(classes=[str(i) for i in range(2_000_000)]),
         lambda m: m["backbone"].update(weights="/dev/zero"),
         lambda m: m.update(image_size=10**9),
         lambda m: m.update(method="finetune"),
     ],
-    ids=["huge adaptor", "huge reduction", "2M classes", "weights path", "image size", "method"],
+    ids=[
+        "huge adaptor",
+        "huge reduction",
+        "huge block range",
+        "2M classes",
+        "weights path",
+        "image size",
+        "method",
+    ],
 )
 def test_domain_json_declaring_a_huge_model_is_refused_before_it_is_built(domains, capsys, edit):
     """A class list or config declaring gigabytes of tensors: refused for not fitting the
