@@ -26,6 +26,7 @@ from PIL import Image
 import da3.train
 from da3.cli import build_parser, main
 from da3.commands import resolve_settings
+from da3.domains import DomainStore
 
 CLASSES = ["blue", "green", "red"]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
@@ -410,7 +411,9 @@ def test_resume_after_interrupt(env, capsys, monkeypatch):
     assert cli(*argv) == 130
     assert "interrupted" in capsys.readouterr().err
     assert not (store / "long.json").exists()  # nothing saved for an unfinished run
-    ckpt = json.loads((store / "runs" / "long" / "checkpoint.json").read_text())
+    (folder,) = DomainStore(store).checkpoint_dirs("long")  # the run's own checkpoint folder
+    assert folder.parent == store / "runs" / "long" / "checkpoints"
+    ckpt = json.loads((folder / "checkpoint.json").read_text())
     assert ckpt["epoch"] == 0 and len(ckpt["history"]) == 1
     monkeypatch.setattr(da3.train, "train_step", real)
 
@@ -422,6 +425,7 @@ def test_resume_after_interrupt(env, capsys, monkeypatch):
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[0] == ckpt["history"][0]  # epoch 1 comes from the checkpoint, not redone
     assert (store / "long.json").exists() and (store / "long.safetensors").exists()
+    assert DomainStore(store).checkpoint_dirs("long") == [folder]  # continued in its folder
     assert cli("eval", "--domain", "long", "--store", store) == 0
 
 

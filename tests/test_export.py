@@ -30,7 +30,14 @@ from conftest import calibrate_bn, randomise_bn
 from da3.backbones import create_backbone
 from da3.cli import main
 from da3.errors import Da3Error
-from da3.export import FORMATS, compare, domain_metadata, export_model, open_runner
+from da3.export import (
+    FORMATS,
+    compare,
+    domain_metadata,
+    export_model,
+    open_runner,
+    read_sidecar,
+)
 from da3.export.bench import format_bench, gate_statistics
 from da3.export.core import SUFFIX, gated_blocks
 from da3.methods import AdaptedModel, FrozenBackbone, build_model, list_methods, make_config
@@ -486,6 +493,7 @@ def test_cli_export_writes_file_and_sidecar(env, tmp_path, capsys, fmt):
     assert side["classes"] == ["blue", "green", "red"] and side["input"]["image_size"] == 32
     assert side["backbone"]["name"] == "resnet18" and len(side["backbone"]["fingerprint"]) == 64
     assert side["verification"]["samples"] >= 2 and side["verification"]["max_abs_diff"] < 1e-4
+    assert read_sidecar(out) == side  # the checked reader takes a real sidecar as it is
     umask = os.umask(0)
     os.umask(umask)
     for written in (out, tmp_path / f"{out.name}.json"):  # not the temporary file's 0600

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from da3 import __version__
@@ -81,7 +82,15 @@ def _run_profile(args) -> int:
     return 0
 
 
+def silence_pil_warnings() -> None:
+    """PIL warns about the images it reads and goes on (a header declaring more pixels than
+    its limit, a TIFF tag past the end of the file); da3 refuses what matters with its own
+    one-line error, so on the command line these multi-line warnings are noise."""
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    silence_pil_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -121,38 +121,86 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
+MAX_YAML_BYTES = 2**20  # a settings file is a few hundred bytes
+
+
 def _read_yaml(path: Path) -> dict:
+    """Settings from a YAML file: a mapping of names to single values. The ``config.yaml``
+    of a run folder reads too: its ``config`` mapping holds the method's keys."""
     import yaml
 
+    from da3.io import one_line, read_bytes
+
+    text = read_bytes(path, MAX_YAML_BYTES, "settings file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise Da3Error(f"{path}: file not found") from None
-    except (OSError, yaml.YAMLError) as err:
-        raise Da3Error(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+        data = yaml.safe_load(text.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError) as err:
+        detail = "nested too deeply" if isinstance(err, RecursionError) else one_line(err)
+        raise Da3Error(f"{path}: not valid YAML ({detail})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise Da3Error(f"{path}: expected a mapping of settings")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    nested = data.pop("config", None)
+    if nested is not None and not isinstance(nested, dict):
+        raise Da3Error(f"{path}: 'config' must be a mapping of method settings")
+    out = {}
+    for key, value in [*(nested or {}).items(), *data.items()]:
+        # A single value each: a list or mapping (YAML aliases can make one enormous) is
+        # refused here rather than printed or converted later.
+        if not isinstance(key, str | int | float | bool):
+            raise Da3Error(f"{path}: a setting's name must be a word, got a {type(key).__name__}")
+        if value is not None and not isinstance(value, str | int | float | bool):
+            raise Da3Error(f"{path}: setting {_short(key)} must be a single value")
+        out[str(key).replace("-", "_")] = value
+    return out
+
+
+def _short(value, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters, for a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def resolve_settings(args):
-    """The run's :class:`~da3.training.TrainSettings` from YAML < flags < key=value."""
+    """The run's :class:`~da3.training.TrainSettings` from YAML < flags < key=value. A
+    faulty value that came from the settings file is reported with the file's name."""
     from da3.data import BENCHMARK_DOMAINS
     from da3.training import TrainSettings
 
-    values: dict = {}
+    from_file: dict = {}
     if args.config is not None:
-        values.update(_read_yaml(args.config))
-    flags = TrainSettings.run_keys()
-    values.update({k: getattr(args, k) for k in flags if getattr(args, k, None) is not None})
-    values.update(_parse_overrides(args.overrides))
+        from_file = _read_yaml(args.config)
+    flags = {
+        k: getattr(args, k) for k in TrainSettings.run_keys() if getattr(args, k, None) is not None
+    }
+    values = {**from_file, **flags, **_parse_overrides(args.overrides)}
     # A folder given relative to here is recorded absolute, so `eval` works from anywhere.
     data = values.get("data")
-    if data and str(data) not in BENCHMARK_DOMAINS and Path(str(data)).exists():
-        values["data"] = str(Path(str(data)).resolve())
-    settings = TrainSettings.from_values(values)
+    if isinstance(data, str) and data and data not in BENCHMARK_DOMAINS:
+        try:
+            local = Path(data).exists()
+        except (OSError, ValueError) as err:  # a name no file system takes (too long, say)
+            where = f"{args.config}: " if from_file.get("data") == data else ""
+            raise Da3Error(
+                f"{where}setting 'data' {_short(data)}: not a benchmark domain or a folder "
+                f"({getattr(err, 'strerror', None) or err})"
+            ) from None
+        if local:
+            values["data"] = str(Path(data).resolve())
+    try:
+        settings = TrainSettings.from_values(values)
+    except Da3Error as err:
+        own = {k: v for k, v in from_file.items() if values.get(k) == v}
+        if own:  # does the file's part alone fail the same way? then the file is at fault
+            try:
+                TrainSettings.from_values(
+                    {"domain": "x", "data": "x", "method": values.get("method", "da3"), **own}
+                )
+            except Da3Error as alone:
+                if str(alone) == str(err):
+                    raise Da3Error(f"{args.config}: {err}") from None
+        raise
     check_device(settings.device)
     return settings
 
@@ -161,7 +209,7 @@ def check_device(device: str) -> str:
     import torch
 
     if device not in ("cpu", "cuda"):
-        raise Da3Error(f"setting 'device' must be cpu or cuda, got {device!r}")
+        raise Da3Error(f"setting 'device' must be cpu or cuda, got {_short(device)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise Da3Error("device cuda: no CUDA device is available on this machine")
     return device
@@ -305,7 +353,8 @@ def run_domains_delete(args) -> int:
     from da3.domains import DomainStore
 
     store = DomainStore(args.store)
-    store.delete(args.name)
+    with store.lock(args.name):  # not while it is being trained
+        store.delete(args.name)
     print(f"deleted domain {args.name!r} from {store.root}")
     return 0
 

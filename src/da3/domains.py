@@ -8,30 +8,49 @@ disk it is two files in a store folder (format in docs/format.md):
 * ``NAME.json``: everything else, including a ``build_id`` also written into the
   safetensors metadata, so that a pair from two different saves is recognised.
 
-Both are written atomically (temporary file, fsync, rename), tensors first. Nothing is
-pickled. Training or adding a domain never touches another domain's tensors: their outputs
-stay the same bit for bit.
+Both are written atomically (temporary file, fsync, rename), tensors first; the JSON
+records the SHA-256 of the tensors file, so a damaged one is refused. Nothing is pickled.
+Training or adding a domain never touches another domain's tensors: their outputs stay the
+same bit for bit.
+
+One store, many processes: a writer holds the domain's name (:meth:`DomainStore.lock`, a
+``flock`` on ``.locks/NAME.lock`` that the kernel drops when the process ends, however it
+ends) for its whole run; a second writer of the same name is refused at once, naming the
+first. Readers take no lock: the atomic renames mean they see the old domain or the new
+one, never half of one. Each training run keeps its checkpoints in a folder of its own
+(:meth:`DomainStore.checkpoint_dir`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 import re
 import secrets
 import shutil
+import socket
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from da3 import __version__
 from da3.backbones import Backbone, create_backbone
+from da3.data.imaging import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from da3.errors import Da3Error
-from da3.io import read_json, read_tensors, write_json, write_tensors
+from da3.io import (
+    file_sha256,
+    read_json,
+    read_safetensors_header,
+    read_tensors,
+    write_json,
+    write_tensors,
+)
 from da3.methods import (
     AdaptedModel,
     FrozenBackbone,
@@ -44,6 +63,12 @@ from da3.methods import (
 FORMAT = "da3-domain"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_DOMAIN_JSON_BYTES = 16 * 2**20  # ~100x the JSON of a domain with 10,000 classes
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None
 
 
 def check_name(name: str) -> str:
@@ -73,6 +98,29 @@ class Domain:
         return len(self.classes)
 
 
+class DomainLocked(Da3Error):
+    """The domain's name is held by another writer (see :meth:`DomainStore.lock`)."""
+
+
+# Keys every domain JSON has, and the JSON type each must have (checked before use).
+_META_TYPES = {
+    "name": str,
+    "method": str,
+    "config": dict,
+    "classes": list,
+    "backbone": dict,
+    "build_id": str,
+}
+_OPTIONAL_META_TYPES = {
+    "image_size": int,
+    "metrics": dict,
+    "train": dict,
+    "source": str,
+    "preprocess": dict,
+    "tensors_sha256": str,
+}
+
+
 class DomainStore:
     """A folder of domain files."""
 
@@ -97,16 +145,32 @@ class DomainStore:
             raise Da3Error(f"unknown domain {name!r} in store {self.root} (domains: {known})")
 
     def read_meta(self, name: str) -> dict:
+        """The domain's JSON, its keys checked to have the types the loaders expect."""
         self.require(name)
-        meta = read_json(self.paths(name)[1])
         path = self.paths(name)[1]
+        meta = read_json(path, MAX_DOMAIN_JSON_BYTES)
         if meta.get("format") != FORMAT:
             raise Da3Error(f"{path}: not a da3 domain file")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise Da3Error(f"{path}: written by a newer da3 (format {meta['format_version']})")
-        for key in ("name", "method", "config", "classes", "backbone", "build_id"):
+        version = meta.get("format_version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise Da3Error(f"{path}: format_version is not an integer")
+        if version > FORMAT_VERSION:
+            raise Da3Error(f"{path}: written by a newer da3 (format {version})")
+        for key, kind in (_META_TYPES | _OPTIONAL_META_TYPES).items():
             if key not in meta:
-                raise Da3Error(f"{path}: missing key {key!r}")
+                if key in _META_TYPES:
+                    raise Da3Error(f"{path}: missing key {key!r}")
+                continue
+            if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+                raise Da3Error(f"{path}: {key!r} is not a JSON {_JSON_NAMES[kind]}")
+        classes = meta["classes"]
+        if len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+            raise Da3Error(f"{path}: 'classes' is not a list of at least 2 names")
+        if not MIN_IMAGE_SIZE <= meta.get("image_size", 96) <= MAX_IMAGE_SIZE:
+            raise Da3Error(f"{path}: image_size {meta['image_size']} is out of range")
+        for key in ("name", "weights", "fingerprint"):
+            if not isinstance(meta["backbone"].get(key, ""), str):
+                raise Da3Error(f"{path}: backbone {key!r} is not a JSON string")
         return meta
 
     def _previous(self, name: str) -> Path:
@@ -115,15 +179,20 @@ class DomainStore:
 
     def read(self, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
         meta = self.read_meta(name)
-        tensors_path = self.paths(name)[0]
+        tensors_path, json_path = self.paths(name)
         candidates = [tensors_path, self._previous(name)]  # the second: a save cut short
         for path in candidates:
             if path.is_file() and _build_id(path) == meta["build_id"]:
-                return meta, read_tensors(path)
+                tensors = read_tensors(path)
+                digest = meta.get("tensors_sha256")  # absent in files before it was written
+                if digest is not None and file_sha256(path) != digest:
+                    raise Da3Error(
+                        f"{path}: damaged (its SHA-256 differs from the one in {json_path.name})"
+                    )
+                return meta, tensors
         read_tensors(tensors_path)  # a damaged file gets its own message
         raise Da3Error(
-            f"{tensors_path}: does not belong to {self.paths(name)[1].name} "
-            "(files from different saves)"
+            f"{tensors_path}: does not belong to {json_path.name} (files from different saves)"
         )
 
     def write(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -143,7 +212,9 @@ class DomainStore:
         except OSError as err:
             raise Da3Error(f"{self.root}: cannot write here ({err.strerror})") from None
         try:
-            write_tensors(tensors_path, tensors, {"build_id": meta["build_id"], "format": FORMAT})
+            meta["tensors_sha256"] = write_tensors(
+                tensors_path, tensors, {"build_id": meta["build_id"], "format": FORMAT}
+            )
         except BaseException:
             previous.unlink(missing_ok=True)  # the old tensors file is still in place
             raise
@@ -163,12 +234,125 @@ class DomainStore:
     def size_bytes(self, name: str) -> int:
         return self.paths(name)[0].stat().st_size
 
+    # -- writers: one at a time per name ----------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold domain ``name`` for writing until the block ends.
+
+        An exclusive ``flock`` on ``ROOT/.locks/NAME.lock``, which records who holds it
+        (process id, host, command line, start time). Another holder of the same name makes
+        this raise :class:`DomainLocked` at once, naming that process: no waiting, nothing
+        of theirs touched. The kernel drops the lock when the holding process ends, however
+        it ends (``kill -9`` included), so a lock is never left stale. Readers take no lock.
+        """
+        check_name(name)
+        if fcntl is None:
+            raise Da3Error("locking a domain needs fcntl.flock (Linux, macOS); not available")
+        path = self.root / ".locks" / f"{name}.lock"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise Da3Error(f"{self.root}: cannot write here ({err.strerror})") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DomainLocked(self._locked_message(name, fd)) from None
+            holder = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "command": _command_line(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            with contextlib.suppress(OSError):  # the record only informs (a full disk...)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(holder).encode(), 0)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)  # the record goes with the lock
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _locked_message(self, name: str, fd: int) -> str:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0).decode())
+            who = f"process {int(holder['pid'])} on {holder['host']}"
+            what = f" ({' '.join(str(holder['command']).split())}, started {holder['started']})"
+        except (OSError, ValueError, KeyError, TypeError):  # taken a moment ago, not yet written
+            who, what = "another process", ""
+        return (
+            f"domain {name!r} in {self.root} is being written by {who}{what}; "
+            "wait for it to finish or use another name"
+        )
+
+    # -- training runs ------------------------------------------------------------------------
+
+    def run_dir(self, name: str) -> Path:
+        """``ROOT/runs/NAME``: the settings, history and curves of the name's last run."""
+        return self.root / "runs" / check_name(name)
+
+    def checkpoint_dir(self, name: str, resume: bool = False) -> Path:
+        """Where a run of ``name`` keeps its checkpoints: a new folder of its own,
+        ``runs/NAME/checkpoints/<UTC start time>-<pid>`` (created by the first write), or
+        with ``resume`` the folder of the most recently started run that left a checkpoint.
+        A run folder from before these existed (``runs/NAME/checkpoint.json``) resumes too."""
+        if resume:
+            found = self.checkpoint_dirs(name)
+            if found:
+                return found[-1]
+            legacy = self.run_dir(name)
+            if (legacy / "checkpoint.json").is_file():
+                return legacy
+            raise Da3Error(f"{legacy}: no checkpoint to resume from")
+        now = time.time()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+        return (
+            self.run_dir(name) / "checkpoints" / f"{stamp}.{int(now % 1 * 1e6):06d}Z-{os.getpid()}"
+        )
+
+    def checkpoint_dirs(self, name: str) -> list[Path]:
+        """The checkpoint folders of ``name`` that hold a checkpoint, oldest first."""
+        folder = self.run_dir(name) / "checkpoints"
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if (p / "checkpoint.json").is_file())
+
+    def prune_checkpoints(self, name: str, keep: Path) -> None:
+        """Remove the checkpoints of ``name``'s other runs (call it holding the lock, once
+        the run that wrote ``keep`` has saved the domain: the others are superseded)."""
+        folder = self.run_dir(name) / "checkpoints"
+        try:
+            others = [p for p in folder.iterdir() if p != keep] if folder.is_dir() else []
+        except OSError:  # tidying only: the domain is saved
+            others = []
+        for p in others:
+            shutil.rmtree(p, ignore_errors=True)
+        if keep != self.run_dir(name):  # a legacy checkpoint beside the run's other files
+            for p in ("checkpoint.safetensors", "checkpoint.json"):
+                with contextlib.suppress(OSError):  # tidying only: the domain is saved
+                    (self.run_dir(name) / p).unlink(missing_ok=True)
+
+
+_JSON_NAMES = {str: "string", int: "integer", dict: "object", list: "array"}
+
+
+def _command_line() -> str:
+    """This process's command line, for the lock record (``da3 ...`` for da3's command)."""
+    argv = sys.argv or ["python"]
+    program = Path(argv[0]).name or "python"
+    if program in ("da3", "cli.py") and Path(argv[0]).parent.name in ("bin", "da3", "Scripts"):
+        program = "da3"
+    return " ".join([program, *argv[1:]])[:300]
+
 
 def _build_id(path: Path) -> str | None:
     try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("build_id")
-    except Exception:  # noqa: BLE001 - unreadable: no id
+        return read_safetensors_header(path).get("__metadata__", {}).get("build_id")
+    except Da3Error:  # unreadable: no id
         return None
 
 
@@ -326,7 +510,13 @@ class MultiDomainModel:
         previous = self.domains.pop(name, None)  # put back if the new one fails to load
         try:
             # a file from before a setting existed reads as what the method did then
-            config = with_legacy(meta["method"], meta["config"])
+            config = parse_config(meta["method"], with_legacy(meta["method"], meta["config"]))
+            # The tensors must fit the model the JSON describes before that model is built
+            # for real: built on the meta device it costs no memory, so a config or class
+            # list declaring a huge model is refused without allocating it.
+            with torch.device("meta"):
+                probe = build_model(meta["method"], self.frozen, len(meta["classes"]), config)
+            probe.load_domain_state(tensors)
             domain = self.add_domain(
                 name, meta["classes"], meta["method"], config, meta.get("image_size", 96)
             )
@@ -344,12 +534,19 @@ class MultiDomainModel:
 def open_backbone_for(store: DomainStore, name: str, device: str = "cpu") -> MultiDomainModel:
     """A model over the backbone that domain ``name`` of ``store`` was trained on."""
     meta = store.read_meta(name)
+    json_path = store.paths(name)[1]
     b = meta["backbone"]
-    weights = b.get("weights", "imagenet")
-    weights = "imagenet" if str(weights).startswith("imagenet") else weights
-    weights = None if weights == "random" else weights
-    if str(weights).startswith("file:"):
-        raise Da3Error(
-            f"{store.paths(name)[1]}: trained on a local weights file; load it in Python"
-        )
-    return MultiDomainModel(create_backbone(b["name"], weights), device)
+    recorded = b.get("weights", "imagenet")
+    if recorded.startswith("file:"):
+        raise Da3Error(f"{json_path}: trained on a local weights file; load it in Python")
+    # Only the records da3 writes: a path here would make reading a domain open that file.
+    if recorded == "random":
+        weights = None
+    elif recorded == "imagenet" or recorded.startswith("imagenet:"):
+        weights = "imagenet"
+    else:
+        raise Da3Error(f"{json_path}: unknown backbone weights record {recorded[:60]!r}")
+    try:
+        return MultiDomainModel(create_backbone(b.get("name", ""), weights), device)
+    except Da3Error as err:
+        raise Da3Error(f"{json_path}: {err}") from None

@@ -118,6 +118,10 @@ class TrainSettings:
         for key in list(values):
             if key in fields:
                 value = values.pop(key)
+                if value is None:  # an empty entry in a settings file: the default
+                    continue
+                if fields[key].type == "str" and not isinstance(value, str):
+                    raise Da3Error(f"setting {key!r} expects a word, got {str(value)[:60]!r}")
                 if key == "memory_budget" and isinstance(value, str):
                     value = parse_bytes(value)
                 run[key] = coerce_setting("train", fields[key], value)
@@ -136,6 +140,23 @@ class TrainSettings:
         return cls(**run, method_config=method_values)
 
     def check(self) -> None:
+        from da3.backbones import list_backbones
+        from da3.data.imaging import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+
+        for key in ("domain", "data", "method", "backbone", "weights", "device", "cache_dtype"):
+            if "\0" in getattr(self, key):
+                raise Da3Error(f"setting {key!r}: a NUL character is not allowed")
+        get_method(self.method)
+        if self.backbone not in list_backbones():  # before any data is loaded
+            raise Da3Error(
+                f"unknown backbone {self.backbone[:60]!r}; choose from "
+                f"{', '.join(list_backbones())}"
+            )
+        if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
+            raise Da3Error(
+                f"setting 'image_size' must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}, "
+                f"got {self.image_size}"
+            )
         for key in ("epochs", "batch_size", "image_size"):
             if getattr(self, key) < 1:
                 raise Da3Error(f"setting {key!r} must be positive, got {getattr(self, key)}")
@@ -325,29 +346,36 @@ def train_domain(
     say = echo or _say(progress)
     name = check_name(settings.domain)
     store = store if isinstance(store, DomainStore) else DomainStore(store)
-    if store.exists(name) and not (overwrite or resume):
-        raise Da3Error(f"domain {name!r} exists in {store.root}; use --overwrite to replace it")
-    run_dir = store.root / "runs" / name
-    # Everything the run holds lives in _fit_and_save and is gone when it returns: what
-    # comes after (the plot) starts from the runtime, not on top of the training's state.
-    record = _fit_and_save(settings, store, run_dir, model, meter, say, resume, progress)
-    release_memory()
-    with meter.phase("plot"):
-        plot_curves(
-            record["history"],
-            run_dir / "curves.png",
-            title=f"{name} ({settings.method})",
-            best_epoch=record["metrics"]["best_epoch"],
-            test_accuracy=record["metrics"]["test_accuracy"],
+    # The name is locked in the store for the whole run, before anything is written: a
+    # second writer of the same name, overwrite or not, is refused at once.
+    with store.lock(name):
+        if store.exists(name) and not (overwrite or resume):
+            raise Da3Error(f"domain {name!r} exists in {store.root}; use --overwrite to replace it")
+        checkpoints = store.checkpoint_dir(name, resume=resume)  # this run's own folder
+        run_dir = store.run_dir(name)
+        # Everything the run holds lives in _fit_and_save and is gone when it returns:
+        # what comes after (the plot) starts from the runtime, not on top of training.
+        record = _fit_and_save(
+            settings, store, run_dir, checkpoints, model, meter, say, resume, progress
         )
-    memory = {**meter.record(), **record["parts"]}
-    plan = record["plan"]
-    if plan is not None:
-        memory["plan"] = dataclasses.asdict(plan) | {"estimate_bytes": plan.estimate()}
-    write_json(
-        run_dir / "history.json",
-        {"history": record["history"], "metrics": record["metrics"], "memory": memory},
-    )
+        store.prune_checkpoints(name, keep=checkpoints)  # the other runs' are superseded
+        release_memory()
+        with meter.phase("plot"):
+            plot_curves(
+                record["history"],
+                run_dir / "curves.png",
+                title=f"{name} ({settings.method})",
+                best_epoch=record["metrics"]["best_epoch"],
+                test_accuracy=record["metrics"]["test_accuracy"],
+            )
+        memory = {**meter.record(), **record["parts"]}
+        plan = record["plan"]
+        if plan is not None:
+            memory["plan"] = dataclasses.asdict(plan) | {"estimate_bytes": plan.estimate()}
+        write_json(
+            run_dir / "history.json",
+            {"history": record["history"], "metrics": record["metrics"], "memory": memory},
+        )
     if plan is not None and memory["peak_above_runtime_bytes"] > plan.budget:
         say(
             f"warning: the run went over its memory budget: peak "
@@ -365,7 +393,9 @@ def train_domain(
     )
 
 
-def _fit_and_save(settings, store, run_dir, model, meter, say, resume, progress) -> dict:
+def _fit_and_save(
+    settings, store, run_dir, checkpoints, model, meter, say, resume, progress
+) -> dict:
     from da3.backbones import create_backbone
     from da3.data import class_count, load_domain
     from da3.domains import MultiDomainModel
@@ -437,7 +467,7 @@ def _fit_and_save(settings, store, run_dir, model, meter, say, resume, progress)
             model.preprocess,
             config,
             tc,
-            run_dir=run_dir,
+            run_dir=checkpoints,
             resume=resume,
             progress=progress,
             echo=say,

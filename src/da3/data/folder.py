@@ -247,12 +247,30 @@ def fingerprint(root: Path, files: list[tuple[Path, int]]) -> str:
 
 
 def load_image(path: Path, image_size: int) -> np.ndarray:
-    """3 x S x S uint8 array of one image file; Da3Error naming it if it cannot be decoded."""
+    """3 x S x S uint8 array of one image file; Da3Error naming it if it cannot be decoded.
+
+    An image whose header declares more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (89
+    million by default; a JPEG counts at the reduced scale it is decoded at) is refused
+    before it is decoded: a small file can declare a huge picture (a decompression bomb)."""
     try:
         with Image.open(path) as image:
             image.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale
+            width, height = image.size
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and width * height > limit:
+                raise Da3Error(
+                    f"{path}: {width} x {height} pixels, more than the {limit} decoded at "
+                    "most (PIL.Image.MAX_IMAGE_PIXELS); refused as a possible "
+                    "decompression bomb"
+                )
             image.load()
-            picture = flatten_alpha(ImageOps.exif_transpose(image)).convert("RGB")
+            # in place, and no conversion to what it is already: a large picture is not
+            # copied (its decoded pixels are the memory a file can make da3 take)
+            ImageOps.exif_transpose(image, in_place=True)
+            picture = flatten_alpha(image)
+            picture = picture if picture.mode == "RGB" else picture.convert("RGB")
+    except Da3Error:
+        raise
     except Exception as err:
         detail = " ".join(str(err).split()) or type(err).__name__
         raise Da3Error(f"{path}: corrupt or unreadable image ({detail})") from err

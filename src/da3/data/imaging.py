@@ -15,6 +15,9 @@ from PIL import Image
 
 MIN_IMAGE_SIZE = 8
 MAX_IMAGE_SIZE = 1024
+# Above this, ``resize_square(fit="crop")`` scales only the square it keeps (see there): an
+# aspect ratio of 16 at the largest image size; real pictures never come near.
+MAX_RESIZED_PIXELS = 16 * MAX_IMAGE_SIZE**2
 
 
 def check_image_size(image_size: int) -> int:
@@ -33,7 +36,7 @@ def flatten_alpha(image: Image.Image) -> Image.Image:
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("LA", "La", "RGBA", "RGBa", "PA"):
-        rgba = image.convert("RGBA")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     if image.mode in ("L", "RGB"):
@@ -41,12 +44,18 @@ def flatten_alpha(image: Image.Image) -> Image.Image:
     if image.mode == "1":
         return image.convert("L")
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        # 16-bit (or wider) gray: scale to 8 bits rather than let PIL clip at 255.
-        values = np.asarray(image, dtype=np.float64)
-        top = float(values.max(initial=0.0))
-        if top > 255.0:
-            values = values * (255.0 / (65535.0 if top <= 65535.0 else top))
-        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+        # 16-bit (or wider) gray: scale to 8 bits rather than let PIL clip at 255. In blocks
+        # of rows, so the float64 copy of a large picture (8 bytes a pixel) is never whole.
+        values = np.asarray(image)
+        top = float(values.max(initial=0))
+        scale = 255.0 / (65535.0 if top <= 65535.0 else top)
+        out = np.empty(values.shape, np.uint8)
+        for i in range(0, len(values), 256):
+            block = values[i : i + 256].astype(np.float64)
+            if top > 255.0:
+                block = block * scale
+            out[i : i + 256] = np.clip(np.rint(block), 0, 255)
+        return Image.fromarray(out)
     return image.convert("RGB")
 
 
@@ -65,9 +74,15 @@ def resize_square(image: Image.Image, size: int, fit: str = "crop") -> Image.Ima
     if fit == "crop":
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        image = image.resize((nw, nh), Image.Resampling.BILINEAR)
         left, top = (nw - size) // 2, (nh - size) // 2
-        return image.crop((left, top, left + size, top + size))
+        if nw * nh <= MAX_RESIZED_PIXELS:
+            image = image.resize((nw, nh), Image.Resampling.BILINEAR)
+            return image.crop((left, top, left + size, top + size))
+        # A long thin strip (1 x 2.4M pixels: 32 x 77M scaled to 32 px, 3 GB): scale only the
+        # square that is kept, the same sampling up to rounding.
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        return image.resize((size, size), Image.Resampling.BILINEAR, box=box)
     if fit == "pad":
         scale = size / max(w, h)
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))

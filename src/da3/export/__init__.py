@@ -15,6 +15,7 @@ _CORE = (
     "export_model",
     "inference_module",
     "open_runner",
+    "read_sidecar",
     "sidecar_path",
 )
 _BENCH = ("bench_infer", "format_bench", "gate_statistics")

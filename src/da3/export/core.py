@@ -29,6 +29,7 @@ import copy
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -43,7 +44,7 @@ from torch import nn
 from da3 import __version__
 from da3.backbones import Backbone
 from da3.errors import Da3Error
-from da3.io import write_json
+from da3.io import read_json, write_json
 from da3.methods import AdaptedModel
 from da3.methods.da3 import DA3Block
 
@@ -398,6 +399,70 @@ class ExportResult:
 def sidecar_path(path: str | Path) -> Path:
     path = Path(path)
     return path.with_name(path.name + ".json")
+
+
+MAX_SIDECAR_BYTES = 16 * 2**20
+
+
+def read_sidecar(path: str | Path) -> dict:
+    """The metadata of an exported model, from its JSON sidecar (``path`` is the sidecar or
+    the model file), checked: every key a deployment needs to feed the graph and read its
+    output is there, with the right type, and agrees with the others. Raises a Da3Error
+    naming the file otherwise."""
+    from da3.data.imaging import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+
+    path = Path(path)
+    path = path if path.suffix == ".json" else sidecar_path(path)
+    meta = read_json(path, MAX_SIDECAR_BYTES)
+
+    def require(ok: bool, why: str) -> None:
+        if not ok:
+            raise Da3Error(f"{path}: {why}")
+
+    def number(x) -> bool:
+        return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+    require(meta.get("format") == EXPORT_FORMAT, "not a da3 export sidecar")
+    version = meta.get("format_version")
+    require(type(version) is int, "format_version is not an integer")
+    require(version <= 1, f"written by a newer da3 (format {version})")
+    for key in ("domain", "method"):
+        require(isinstance(meta.get(key), str), f"{key!r} is not a JSON string")
+    classes = meta.get("classes")
+    require(
+        isinstance(classes, list)
+        and len(classes) >= 2
+        and all(isinstance(c, str) for c in classes),
+        "'classes' is not a list of at least 2 names",
+    )
+    inp, out = meta.get("input"), meta.get("output")
+    require(isinstance(inp, dict), "'input' is not a JSON object")
+    size = inp.get("image_size")
+    require(
+        type(size) is int and MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE,
+        f"input image_size is not an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}",
+    )
+    require(isinstance(inp.get("name"), str), "input name is not a JSON string")
+    require(inp.get("shape") == ["batch", 3, size, size], "input shape disagrees with image_size")
+    for key in ("mean", "std"):
+        v = inp.get(key)
+        require(
+            isinstance(v, list) and len(v) == 3 and all(map(number, v)),
+            f"input {key} is not 3 numbers",
+        )
+    require(all(s > 0 for s in inp["std"]), "input std is not positive")
+    require(isinstance(out, dict), "'output' is not a JSON object")
+    require(isinstance(out.get("name"), str), "output name is not a JSON string")
+    require(out.get("shape") == ["batch", len(classes)], "output shape disagrees with the classes")
+    backbone = meta.get("backbone")
+    require(
+        isinstance(backbone, dict) and isinstance(backbone.get("fingerprint"), str),
+        "'backbone' has no fingerprint",
+    )
+    require(
+        meta.get("gates", "none") in (*GATE_MODES, "none"), "'gates' is not dynamic, static or none"
+    )
+    return meta
 
 
 def export_model(

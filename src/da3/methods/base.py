@@ -220,6 +220,8 @@ class AdaptedModel(nn.Module):
                 raise Da3Error(
                     f"domain state {k}: shape {tuple(state[k].shape)} != {tuple(t.shape)}"
                 )
+            if t.dtype != state[k].dtype:  # copy_ would convert it silently
+                raise Da3Error(f"domain state {k}: dtype {state[k].dtype} != {t.dtype}")
             t.copy_(state[k])
         return missing
 
@@ -353,7 +355,8 @@ def coerce_setting(owner: str, f: dataclasses.Field, value):
         pass
     else:
         return value
-    raise Da3Error(f"{owner}: setting {f.name!r} expects {_KIND_WORDS[kind]}, got {value!r}")
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    raise Da3Error(f"{owner}: setting {f.name!r} expects {_KIND_WORDS[kind]}, got {shown}")
 
 
 def parse_config(method: str, values: dict) -> MethodConfig:

@@ -116,8 +116,8 @@ def select_blocks(spec: str, backbone: Backbone, image_size: int = 224) -> list[
         if spec.endswith("-"):
             chosen = list(range(int(spec[:-1]), n))
         elif "-" in spec:
-            a, b = spec.split("-")
-            chosen = list(range(int(a), int(b) + 1))
+            a, b = (int(t) for t in spec.split("-"))
+            chosen = list(range(a, min(b, n) + 1))  # b past the last block: refused below
         else:
             chosen = sorted({int(t) for t in spec.split(",")})
     except ValueError:
