@@ -216,7 +216,10 @@ def check_device(device: str) -> str:
 
 
 def run_train(args) -> int:
+    from da3.memory import lean_allocator
     from da3.training import describe_memory, train_domain
+
+    lean_allocator()  # freed tensors go back to the system (see its docstring)
 
     settings = resolve_settings(args)
     info = train_domain(

@@ -124,6 +124,26 @@ def release_memory() -> None:
 
 
 _trim = None
+M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc's malloc.h)
+LEAN_MMAP_THRESHOLD = 128 * 1024
+
+
+def lean_allocator(threshold: int = LEAN_MMAP_THRESHOLD) -> bool:
+    """Have glibc's malloc map every block of ``threshold`` bytes or more on its own and
+    unmap it when freed. By default the threshold adapts, rising after each large block is
+    freed (up to 32 MiB), so the tensors of a training step come from a heap that keeps what
+    they leave: resident memory then stays near the largest step ever taken plus whatever
+    lies scattered among it. Fixed, each freed tensor goes straight back to the system; the
+    cost is a page fault per page of each new large tensor (measured: 0-10% slower steps).
+    For a process that trains: ``da3 train`` calls it first thing. Returns False where it
+    cannot be set (not glibc)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6") if sys.platform == "linux" else None
+        return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:

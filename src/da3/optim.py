@@ -142,8 +142,10 @@ class AdamW:
         self.state = {}
         for number, values in state_dict["state"].items():
             p = by_number[int(number)]
-            self.state[p] = {
-                k: v.to(p.device) if k != "step" else v.to(torch.get_default_dtype()).cpu()
+            self.state[p] = {  # copies: the state is this optimizer's own to update
+                k: v.to(p.device, copy=True)
+                if k != "step"
+                else v.to(torch.get_default_dtype()).cpu().clone()
                 for k, v in values.items()
             }
 

@@ -160,10 +160,19 @@ def train_step(
     losses, outputs = [], []
     for start in range(0, n, size):
         part = slice(start, min(start + size, n))
-        if taps is not None:
-            logits = model.forward_taps([t[part] for t in taps])
-        else:
-            logits = model(x(part) if callable(x) else x[part] if size < n else x)
+        try:
+            if taps is not None:
+                logits = model.forward_taps([t[part] for t in taps])
+            else:
+                logits = model(x(part) if callable(x) else x[part] if size < n else x)
+        except ValueError as err:
+            if "more than 1 value per channel" not in str(err):
+                raise
+            raise Da3Error(
+                f"batch norm in training mode needs more than one value per channel: "
+                f"{part.stop - part.start} image(s) per pass leave it one at this image "
+                "size; use a larger --micro-batch or batch"
+            ) from None
         loss = F.cross_entropy(logits, y[part])
         aux = model.auxiliary_loss()
         total = loss if aux is None else loss + aux

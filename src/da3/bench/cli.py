@@ -18,7 +18,8 @@ def register(commands) -> None:
         description=(
             "Train every registered method on every benchmark domain under one protocol, "
             "profile a training step (ResNet-50 224 px batch 8 and the benchmark's own "
-            "settings), measure DA3's gating curve, and write benchmarks/results/*.json, "
+            "settings), measure DA3's gating curve and the peak memory of whole `da3 train` "
+            "processes (CPU), and write benchmarks/results/*.json, "
             "docs/benchmark.md and its plots. Resumable: what is already done under the same "
             "protocol is not redone."
         ),
@@ -45,7 +46,7 @@ def register(commands) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument(
         "--stages",
-        default="accuracy,profile,gating,report",
+        default="accuracy,profile,gating,memory,report",
         help="which stages to run (report alone rewrites the report from the results)",
     )
     p.add_argument(

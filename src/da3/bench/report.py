@@ -324,6 +324,26 @@ def _section(tag: str, results: Path, report: Path) -> str | None:
             f"![gating curve]({_link(results / f'bench_{tag}_gating.png', report)})",
             "",
         ]
+    mpath = results / f"bench_{tag}_memory.json"
+    if mpath.is_file():
+        from da3.bench.process_memory import markdown_table as memory_table
+
+        m = read_json(mpath)
+        walls["memory"] = m["info"]["stage_seconds"]["memory"]
+        s = m["spec"]
+        out += [
+            "### The memory a device sees: whole training processes",
+            "",
+            f"{_info_line(m['info'], walls['memory'])}. One fresh `da3 train` process per "
+            f"row: a folder of {m['folder']}, {s['image_size']} px, batch {s['batch_size']}, "
+            f"{s['epochs']} epoch; peak resident memory above the floor of the runtime it "
+            "needs, read by the run at its end (VmHWM) and by the parent when it ended "
+            "(wait4, as `/usr/bin/time -f %M`; it includes the CUDA build's ~120 MiB of "
+            f"library pages touched while the interpreter shuts down); raw: "
+            f"`{_link(mpath, report)}`.",
+            "",
+            memory_table(m),
+        ]
     walls["profiles"] = sum(p["info"]["stage_seconds"]["profile"] for p in profs)
     total = sum(walls.values())
     parts = ", ".join(f"{k} {v / 60:.1f}" for k, v in walls.items())

@@ -3,7 +3,8 @@ memory/time profile, DA3's gating curve, and the report (tables + plots).
 
 Stages, each resumable (what is already in the results folder under the same protocol is not
 redone): ``accuracy`` (method x domain x seed), ``profile`` (one table per setting, methods
-interleaved), ``gating`` (per domain), then ``report`` (``docs/benchmark.md`` and PNGs).
+interleaved), ``gating`` (per domain), ``memory`` (the peak of real ``da3 train`` processes,
+:mod:`da3.bench.process_memory`), then ``report`` (``docs/benchmark.md`` and PNGs).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from da3.backbones import create_backbone
 from da3.bench import gating as gating_mod
+from da3.bench import process_memory
 from da3.bench.accuracy import run_accuracy, state_path, train_one
 from da3.bench.common import (
     commits_line,
@@ -31,7 +33,7 @@ from da3.errors import Da3Error
 from da3.io import read_json, read_tensors
 from da3.methods import FrozenBackbone, build_model, list_methods, make_config
 
-STAGES = ("accuracy", "profile", "gating", "report")
+STAGES = ("accuracy", "profile", "gating", "memory", "report")
 
 # The two written protocols. ``quick`` is sized for the 2-core CPU machine (under an hour for
 # every method: 3 epochs; fine-tuning and piggyback cost ~10 min each there); ``full`` is the
@@ -59,6 +61,7 @@ PRESETS: dict[str, dict] = {
         ],
         "profile_steps": 3,
         "gating": {"targets": [0.8, 0.65, 0.55], "gate_epochs": 2, "latency_images": 100},
+        "memory": process_memory.SPEC,
     },
     "full": {
         "accuracy": {
@@ -89,6 +92,7 @@ PRESETS: dict[str, dict] = {
         ],
         "profile_steps": 10,
         "gating": {"targets": [0.8, 0.65, 0.55, 0.45], "gate_epochs": 3, "latency_images": 300},
+        "memory": process_memory.SPEC,
     },
 }
 
@@ -245,6 +249,23 @@ def run_bench(
         gating_mod.run_gating(
             frozen, gprotocol, domains, ungated, records, device=device, on_domain=write
         )
+
+    if "memory" in stages and "memory" in preset and device == "cpu":
+        name = f"bench_{tag}_memory"
+        path = results / f"{name}.json"
+        spec = {**preset["memory"], "methods": methods}
+        if not (path.is_file() and read_json(path).get("spec") == spec):
+            print("memory: real `da3 train` processes, one per method", flush=True)
+            t0 = time.perf_counter()
+            result = process_memory.run_process_memory(
+                methods, preset["memory"], progress=lambda m: print(f"  {m}", flush=True)
+            )
+            minfo = {k: v for k, v in info.items() if k != "stage_seconds"}
+            minfo["stage_seconds"] = {"memory": round(time.perf_counter() - t0, 1)}
+            md = header(minfo, "The memory a device sees: whole `da3 train` processes") + (
+                process_memory.markdown_table(result)
+            )
+            save(results, name, {"info": minfo, **result}, md)
 
     if "report" in stages:
         write_report(report, results)

@@ -348,7 +348,8 @@ def write_entry(
                     chunk = np.ascontiguousarray(chunk, dtype=np.uint8)
                     if chunk.shape[1:] != shape:
                         raise ValueError(f"{s} images of shape {chunk.shape[1:]}, not {shape}")
-                    f.write(memoryview(chunk).cast("B"))
+                    if len(chunk):
+                        f.write(memoryview(chunk).cast("B"))
                     written += len(chunk)
                 if written != len(labels[s]):
                     raise ValueError(f"{s}: {written} images for {len(labels[s])} labels")

@@ -1,0 +1,46 @@
+"""The peak memory of whole `da3 train` processes, one per method, side by side.
+
+The `memory` stage of `da3 bench` (da3.bench.process_memory) on its own, for a subset:
+
+    python benchmarks/process_memory.py                      # every method, Lite0 + ResNet-50
+    python benchmarks/process_memory.py --methods finetune,da3,linear --backbones resnet50
+
+Writes benchmarks/results/process_memory.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from da3.bench import process_memory as pm
+from da3.bench.common import header, run_info, save
+from da3.methods import list_methods
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", default=",".join(list_methods()))
+    p.add_argument(
+        "--backbones", default=",".join(b for b, _ in pm.SPEC["backbones"]), help="comma-separated"
+    )
+    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp one)")
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--name", default="process_memory")
+    args = p.parse_args()
+    wanted = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    spec = {**pm.SPEC, "backbones": [b for b in pm.SPEC["backbones"] if b[0] in wanted]}
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    info = run_info("cpu")
+    t0 = time.perf_counter()
+    result = pm.run_process_memory(methods, spec, work=args.work)
+    info["stage_seconds"] = {"memory": round(time.perf_counter() - t0, 1)}
+    md = header(info, "The memory a device sees: whole `da3 train` processes") + (
+        pm.markdown_table(result)
+    )
+    save(args.results, args.name, {"info": info, **result}, md)
+
+
+if __name__ == "__main__":
+    main()

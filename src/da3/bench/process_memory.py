@@ -1,0 +1,276 @@
+"""The memory a device sees: real ``da3 train`` processes, one per method, side by side.
+
+Each run is a fresh ``python -m da3.cli train`` process on a real folder of images (clip art
+drawings written as PNG files, a few per class: memory does not grow with the number of
+images, the data being read a batch at a time), one epoch at 224 px, batch 8. Its peak is
+read two ways:
+
+* ``VmHWM``: the kernel's high-water mark of the process's resident memory, read by the run
+  itself at its end (``history.json``'s memory record), after its work and before the
+  interpreter shuts down;
+* ``wait4``: the peak resident size the kernel reports for the finished process (what
+  ``/usr/bin/time -f %M`` prints), which also covers the interpreter's shutdown.
+
+Each is reported above the floor of the runtime the run needs, measured the same way in the
+same sitting: a fresh ``python -c "import torch"`` (plus ``torchvision`` for its backbones).
+With the CUDA build of torch, shutting the interpreter down pages in ~120 MiB of the CUDA
+libraries' code at exit, in every torch process alike (the floor's too); the ``VmHWM``
+figures leave that out, the ``wait4`` ones include it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from da3.errors import Da3Error
+
+MiB = 2**20
+# what `da3 bench` measures (its presets' "memory" entry)
+SPEC = {
+    "backbones": [["efficientnet_lite0", "imagenet"], ["resnet50", "none"]],
+    "image_size": 224,
+    "batch_size": 8,
+    "epochs": 1,
+    "per_class": 8,  # images of each clip-art class in the folder (60/10/30: ~5 train each)
+}
+
+
+def runs_for(methods: list[str]) -> list[tuple[str, int]]:
+    """(method, micro-batch) pairs: every method at the full batch, and fine-tuning and DA3
+    also one image at a time (fine-tuning's lowest peak; DA3's exact micro-batch)."""
+    runs = [(m, 0) for m in methods]
+    runs += [(m, 1) for m in ("finetune", "da3") if m in methods]
+    return runs
+
+
+def make_folder(dest: Path, per_class: int, size: int = 256) -> Path:
+    """A folder of class folders of PNG files: the first ``per_class`` drawings of each
+    clip-art class (the drawings come rendered from the offline clip-art package)."""
+    import numpy as np
+    from PIL import Image
+
+    from da3.data import load_domain
+
+    if dest.is_dir() and any(dest.iterdir()):
+        return dest
+    domain = load_domain("clipart", size)
+    counts: dict[int, int] = {}
+    for split in (domain.train, domain.val, domain.test):
+        for i in range(len(split)):
+            label = int(split.labels[i])
+            if counts.get(label, 0) >= per_class:
+                continue
+            counts[label] = counts.get(label, 0) + 1
+            folder = dest / domain.classes[label].replace("/", "-")
+            folder.mkdir(parents=True, exist_ok=True)
+            image = np.ascontiguousarray(split.images[i].permute(1, 2, 0).numpy())
+            Image.fromarray(image).save(folder / f"{counts[label]:03d}.png")
+    return dest
+
+
+def _run(argv: list[str], env: dict | None = None) -> tuple[int, str, str, float]:
+    """Run ``argv`` to its end; (peak resident bytes from wait4, stdout, stderr, seconds).
+    Output goes to files, not pipes: the process is reaped by ``os.wait4`` itself, which is
+    what returns its resource usage."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, text=True, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - t0
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        last = (stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise Da3Error(f"{' '.join(argv[2:6])} ...: exit {proc.returncode}: {last}")
+    return usage.ru_maxrss * 1024, stdout, stderr, seconds
+
+
+FLOOR_CODE = (
+    "import {mods}\nprint(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n"
+)
+
+
+def measure_floor(modules: str, repeats: int = 3) -> dict:
+    """The floor of a runtime: median VmHWM (in-process, at the end) and wait4 peak of
+    fresh ``python -c "import <modules>"`` processes."""
+    hwm, wait = [], []
+    for _ in range(repeats):
+        peak, out, _, _ = _run([sys.executable, "-c", FLOOR_CODE.format(mods=modules)])
+        hwm.append(int(out.split()[-1]) * 1024)
+        wait.append(peak)
+    return {
+        "modules": modules,
+        "vmhwm_bytes": int(statistics.median(hwm)),
+        "wait4_bytes": int(statistics.median(wait)),
+        "repeats": repeats,
+    }
+
+
+def train_run(
+    folder: Path,
+    store: Path,
+    spec: dict,
+    backbone: str,
+    weights: str,
+    method: str,
+    micro_batch: int,
+    env: dict,
+) -> dict:
+    """One real ``da3 train`` process; its peaks and its own memory record."""
+    name = f"{method}-mb{micro_batch}"
+    argv = [
+        sys.executable,
+        "-m",
+        "da3.cli",
+        "train",
+        "--domain",
+        name,
+        "--data",
+        str(folder),
+        "--method",
+        method,
+        "--backbone",
+        backbone,
+        "--weights",
+        weights,
+        "--image-size",
+        str(spec["image_size"]),
+        "--batch-size",
+        str(spec["batch_size"]),
+        "--epochs",
+        str(spec["epochs"]),
+        "--store",
+        str(store),
+        "--quiet",
+        "--overwrite",
+    ]
+    if micro_batch:
+        argv += ["--micro-batch", str(micro_batch)]
+    wait4, _, _, seconds = _run(argv, env)
+    history = json.loads((store / "runs" / name / "history.json").read_text())
+    memory = history["memory"]
+    return {
+        "method": method,
+        "micro_batch": micro_batch or spec["batch_size"],
+        "vmhwm_bytes": memory["peak_bytes"],
+        "wait4_bytes": wait4,
+        "runtime_bytes": memory["runtime_bytes"],
+        "peak_phase": memory["peak_phase"],
+        "frozen_weights_bytes": memory["frozen_weights_bytes"],
+        "trainable_state_bytes": memory["trainable_bytes"]
+        + memory["gradient_bytes"]
+        + memory["optimizer_bytes"],
+        "phases": memory["phases"],
+        "seconds": seconds,
+        "train_seconds": history["metrics"]["train_seconds"],
+        "test_accuracy": history["metrics"]["test_accuracy"],
+    }
+
+
+def run_process_memory(
+    methods: list[str],
+    spec: dict = SPEC,
+    *,
+    work: Path | None = None,
+    folder: Path | None = None,
+    progress=print,
+) -> dict:
+    """Floors and one ``da3 train`` process per (backbone, method, micro-batch) of ``spec``;
+    on ``folder``, or a folder of clip-art PNGs made in ``work``."""
+    work = Path(work or tempfile.mkdtemp(prefix="da3-memory-"))
+    env = {**os.environ, "DA3_CACHE_DIR": str(work / "cache")}
+    if folder is None:
+        folder = make_folder(work / "clipart-folder", spec["per_class"])
+    # the folder's cache is prepared once, outside the measured runs
+    size = spec["image_size"]
+    _run(
+        [
+            sys.executable,
+            "-c",
+            f"from da3.data import load_domain; load_domain({str(folder)!r}, {size})",
+        ],
+        env,
+    )
+    floors = {
+        "torch": measure_floor("torch"),
+        "torch+torchvision": measure_floor("torch, torchvision"),
+    }
+    progress(
+        f"floor: import torch {floors['torch']['vmhwm_bytes'] / MiB:.0f} MiB (VmHWM), "
+        f"{floors['torch']['wait4_bytes'] / MiB:.0f} MiB (wait4)"
+    )
+    rows = []
+    for backbone, weights in spec["backbones"]:
+        floor = floors["torch+torchvision" if backbone != "efficientnet_lite0" else "torch"]
+        for method, micro in runs_for(methods):
+            r = train_run(folder, work / "store", spec, backbone, weights, method, micro, env)
+            r |= {
+                "backbone": backbone,
+                "weights": weights,
+                "floor": floor["modules"],
+                "vmhwm_above_floor_bytes": r["vmhwm_bytes"] - floor["vmhwm_bytes"],
+                "wait4_above_floor_bytes": r["wait4_bytes"] - floor["wait4_bytes"],
+            }
+            rows.append(r)
+            progress(
+                f"{backbone} {method} micro-batch {r['micro_batch']}: "
+                f"{r['vmhwm_above_floor_bytes'] / MiB:.1f} MiB above the floor (VmHWM), "
+                f"{r['wait4_above_floor_bytes'] / MiB:.1f} (wait4), peak during "
+                f"{r['peak_phase']}, {r['seconds']:.0f}s"
+            )
+    classes = [p for p in folder.iterdir() if p.is_dir()]
+    images = sum(1 for c in classes for _ in c.iterdir())
+    return {
+        "spec": {**spec, "methods": methods},
+        "folder": f"{len(classes)} class folders, {images} PNG files",
+        "floors": floors,
+        "rows": rows,
+    }
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.1f}x" if b > 0 else "-"
+
+
+def markdown_table(result: dict) -> str:
+    """Per backbone: each run's peak above the floor, both ways, and the ratios to
+    fine-tuning at batch 8 and at micro-batch 1."""
+    lines = []
+    for backbone, _ in result["spec"]["backbones"]:
+        rows = [r for r in result["rows"] if r["backbone"] == backbone]
+        if not rows:
+            continue
+        ft = {r["micro_batch"]: r for r in rows if r["method"] == "finetune"}
+        ft8 = ft.get(result["spec"]["batch_size"], {}).get("vmhwm_above_floor_bytes", 0)
+        ft1 = ft.get(1, {}).get("vmhwm_above_floor_bytes", 0)
+        floor = result["floors"]["torch" if rows[0]["floor"] == "torch" else "torch+torchvision"]
+        lines += [
+            f"**{backbone}** ({rows[0]['weights']} weights), floor `import {floor['modules']}`: "
+            f"{floor['vmhwm_bytes'] / MiB:.0f} MiB (VmHWM), {floor['wait4_bytes'] / MiB:.0f} MiB "
+            "(wait4)",
+            "",
+            "| method | micro-batch | peak above floor (VmHWM) | finetune b8 / this | "
+            "finetune mb1 / this | above floor (wait4) | frozen weights | trainable state | "
+            "peak during | test top-1 |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            above = r["vmhwm_above_floor_bytes"]
+            lines.append(
+                f"| {r['method']} | {r['micro_batch']} | {above / MiB:.1f} MiB | "
+                f"{_ratio(ft8, above)} | {_ratio(ft1, above)} | "
+                f"{r['wait4_above_floor_bytes'] / MiB:.1f} MiB | "
+                f"{r['frozen_weights_bytes'] / MiB:.1f} MiB | "
+                f"{r['trainable_state_bytes'] / MiB:.1f} MiB | {r['peak_phase']} | "
+                f"{r['test_accuracy']:.3f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,455 @@
+"""What a training process holds, as the device sees it: data read a batch at a time, folders
+already split, micro-batches, the memory budget, what a run imports, the lean optimizer.
+
+Memory figures here are deterministic (bytes of tensors, modules imported) or compare two real
+processes against each other with a wide margin; timings are not tested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from da3.backbones import create_backbone
+from da3.cli import main
+from da3.data import cache, load_domain
+from da3.data.cache import CachedImages
+from da3.errors import Da3Error
+from da3.methods import FrozenBackbone, build_model, make_config
+from da3.optim import AdamW, LambdaSchedule
+from da3.train import micro_batch_coupling, train_step
+from da3.training import MemoryPlan, TrainSettings, fit_budget, parse_bytes
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
+def write_images(folder: Path, n: int, colour: tuple[int, int, int], size: int = 16) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(sum(colour) + n)
+    for i in range(n):
+        noise = rng.integers(-30, 30, (size, size, 3))
+        pixels = np.clip(np.array(colour)[None, None] + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:04d}.png")
+
+
+COLOURS = {"blue": (30, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
+
+
+def class_folder(root: Path, per_class: int) -> Path:
+    for name, colour in COLOURS.items():
+        write_images(root / name, per_class, colour)
+    return root
+
+
+# ---------------------------------------------------------------------------------------
+# data on disk
+
+
+def test_cached_images_read_what_was_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("DA3_CACHE_DIR", str(tmp_path / "cache"))
+    root = class_folder(tmp_path / "f", 10)
+    domain = load_domain(root, 24)
+    assert isinstance(domain.train.images, CachedImages)
+    from da3.data import folder
+
+    memory = folder.build(folder.scan(root.absolute()), 24)  # decoded into memory instead
+    for name in ("train", "val", "test"):
+        disk, mem = getattr(domain, name), getattr(memory, name)
+        assert torch.equal(disk.images[:], mem.images) and torch.equal(disk.labels, mem.labels)
+        idx = torch.tensor([len(disk) - 1, 0, 2, 1, 2])  # any order, repeats
+        assert torch.equal(disk.images[idx], mem.images[idx])
+        assert torch.equal(disk.images[len(disk) - 1], mem.images[-1])
+    sub = domain.train.per_class(2)
+    assert isinstance(sub.images, CachedImages) and len(sub) == 6
+    assert torch.equal(sub.images[:], memory.train.per_class(2).images)
+    assert domain.bytes_in_memory() == sum(s.labels.numel() * 8 for s in domain.splits().values())
+
+
+def test_cache_file_is_plain_safetensors(tmp_path, monkeypatch):
+    monkeypatch.setenv("DA3_CACHE_DIR", str(tmp_path / "cache"))
+    domain = load_domain(class_folder(tmp_path / "f", 5), 16)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(domain.train.images.path))
+    assert torch.equal(tensors["train_images"], domain.train.images[:])
+    assert torch.equal(tensors["test_labels"], domain.test.labels)
+
+
+PEAK_SCRIPT = """
+import json, sys
+from da3.cli import main
+code = main(sys.argv[1:])
+status = open('/proc/self/status').read()
+print(json.dumps({'code': code, 'hwm': int(status.split('VmHWM:')[1].split()[0]) * 1024}))
+"""
+
+
+def _train_peak(folder: Path, store: Path, cache_dir: Path) -> int:
+    env = {**os.environ, "DA3_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    argv = ["train", "--domain", "d", "--data", str(folder), "--method", "linear"]
+    argv += ["--image-size", "64", "--batch-size", "64", "--epochs", "1", "--quiet"]
+    argv += ["--store", str(store), "--weights", "none"]
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, *argv], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0
+    memory = json.loads((store / "runs" / "d" / "history.json").read_text())["memory"]
+    return result["hwm"] - memory["runtime_bytes"]
+
+
+@pytest.mark.slow
+def test_ten_times_the_images_costs_no_more_memory(tmp_path):
+    """A real `da3 train` process on 2,100 images peaks within a few MiB of one on 210: the
+    images (26 MB of them at 64 px) are never all in memory, neither while the folder is
+    decoded into the cache nor while training and evaluating."""
+    small = class_folder(tmp_path / "small", 70)
+    big = class_folder(tmp_path / "big", 700)
+    image_bytes = 2100 * 3 * 64 * 64
+    a = _train_peak(small, tmp_path / "s1", tmp_path / "c1")
+    b = _train_peak(big, tmp_path / "s2", tmp_path / "c2")
+    assert b - a < 8 * 2**20, (a, b)  # holding the images would add 26 MB
+    assert image_bytes > 3 * 8 * 2**20
+
+
+# ---------------------------------------------------------------------------------------
+# a folder already split
+
+
+def test_split_folders_are_the_users_splits(tmp_path, monkeypatch):
+    monkeypatch.setenv("DA3_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "photos"
+    for name, colour in COLOURS.items():
+        write_images(root / "train" / name, 6, colour)
+        write_images(root / "val" / name, 2, colour)
+        write_images(root / "test" / name, 3, colour)
+    d = load_domain(root, 16)
+    assert d.classes == sorted(COLOURS)  # not "train", "val", "test"
+    assert d.counts() == {"train": 18, "val": 6, "test": 9}
+    assert "split folders train/, val/, test/" in d.layout
+    # no val folder: val is carved out of train/ by the rule, test/ kept
+    (root / "val").rename(tmp_path / "val-elsewhere")
+    d = load_domain(root, 16)
+    assert d.counts()["test"] == 9 and d.counts()["val"] == 3 and d.counts()["train"] == 15
+    assert "val 10% of train/" in d.layout
+
+
+def test_split_folders_must_agree(tmp_path):
+    root = tmp_path / "photos"
+    write_images(root / "train" / "cat", 2, (1, 2, 3))
+    write_images(root / "train" / "dog", 2, (1, 2, 3))
+    write_images(root / "val" / "cat", 1, (1, 2, 3))
+    write_images(root / "val" / "cow", 1, (1, 2, 3))
+    with pytest.raises(Da3Error) as err:
+        load_domain(root, 16)
+    msg = str(err.value)
+    assert "\n" not in msg and "val/ lacks dog" in msg and "cow" in msg and str(root) in msg
+    mixed = tmp_path / "mixed"
+    write_images(mixed / "train" / "cat", 1, (1, 2, 3))
+    write_images(mixed / "dog", 1, (1, 2, 3))
+    with pytest.raises(Da3Error, match=r"mixes split folders \(train\) with other folders \(dog\)"):
+        load_domain(mixed, 16)
+
+
+# ---------------------------------------------------------------------------------------
+# micro-batches
+
+
+@pytest.fixture(scope="module")
+def frozen():
+    from conftest import calibrate_bn
+
+    torch.manual_seed(0)
+    backbone = create_backbone("efficientnet_lite0", None)
+    calibrate_bn(backbone, torch.randn(16, 3, 32, 32))
+    return FrozenBackbone(backbone)
+
+
+class _NoStep:
+    """An optimizer that keeps the gradients it is given (to compare them)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+
+    def step(self) -> None:
+        pass
+
+
+EXACT = ["da3", "bias", "linear", "tinytl", "piggyback"]
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_micro_batches_give_the_batch_gradient(frozen, method):
+    torch.manual_seed(1)
+    model = build_model(method, frozen, 4, make_config(method)).train()
+    assert micro_batch_coupling(model) is None
+    x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    opt = _NoStep(model)
+    loss, logits = train_step(model, opt, x, y)
+    whole = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    loss3, logits3 = train_step(model, opt, lambda part: x[part], y, micro_batch=3)
+    parts = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert whole.keys() == parts.keys() and whole
+    for n in whole:
+        torch.testing.assert_close(parts[n], whole[n], rtol=1e-4, atol=1e-6, msg=n)
+    torch.testing.assert_close(loss3, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits3, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_micro_batches_say_where_they_are_not_exact(frozen):
+    finetune = build_model("finetune", frozen, 4, make_config("finetune"))
+    assert "batch norms" in micro_batch_coupling(finetune)
+    gated = build_model("da3", frozen, 4, make_config("da3", {"gates": True}))
+    assert "budget" in micro_batch_coupling(gated)
+    udta = build_model("udta", frozen, 4, make_config("udta"))  # its side network's norms
+    assert "batch norms" in micro_batch_coupling(udta)
+
+
+# ---------------------------------------------------------------------------------------
+# the memory budget
+
+
+def test_parse_bytes():
+    assert parse_bytes("48MB") == 48_000_000 and parse_bytes("48MiB") == 48 * 2**20
+    assert parse_bytes("0.5GB") == 500_000_000 and parse_bytes("2000") == 2000
+    with pytest.raises(Da3Error, match="not a size"):
+        parse_bytes("lots")
+
+
+def test_budget_plan_picks_the_largest_micro_batch_that_fits():
+    plan = MemoryPlan(10, 20, 5, kept_per_image=3, transient_per_image=7, micro_batch=8)
+    assert fit_budget(plan, 35 + 10 * 4, 8, 0).micro_batch == 4
+    assert fit_budget(plan, 10**9, 8, 0).micro_batch == 8
+    assert fit_budget(plan, 10**9, 8, 2).micro_batch == 2  # a requested micro-batch is a cap
+    with pytest.raises(Da3Error) as err:
+        fit_budget(plan, 40, 8, 0)
+    assert "micro-batch 1" in str(err.value) and "frozen weights" in str(err.value)
+
+
+def test_budget_refusal_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DA3_CACHE_DIR", str(tmp_path / "cache"))
+    data = class_folder(tmp_path / "f", 4)
+    store = tmp_path / "store"
+    argv = ["train", "--domain", "d", "--data", str(data), "--weights", "none", "--quiet"]
+    code = main([*argv, "--image-size", "32", "--store", str(store), "--memory-budget", "5MB"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("da3: error: --memory-budget 4.8 MiB is too small") and "frozen" in err
+    written = [p for p in store.rglob("*") if ".locks" not in p.parts] if store.exists() else []
+    assert written == []  # only the lock, which says who was writing
+
+
+def test_budget_plans_the_micro_batch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DA3_CACHE_DIR", str(tmp_path / "cache"))
+    data = class_folder(tmp_path / "f", 4)
+    argv = ["train", "--domain", "d", "--data", str(data), "--weights", "none", "--quiet"]
+    argv += ["--image-size", "32", "--batch-size", "8", "--epochs", "1"]
+    assert main([*argv, "--store", str(tmp_path / "s"), "--memory-budget", "30MiB"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan: budget 30.0 MiB" in out
+    memory = json.loads((tmp_path / "s" / "runs" / "d" / "history.json").read_text())["memory"]
+    plan = memory["plan"]
+    assert 1 <= plan["micro_batch"] <= 8 and plan["estimate_bytes"] <= 30 * 2**20
+    assert memory["micro_batch"] == plan["micro_batch"]
+
+
+# ---------------------------------------------------------------------------------------
+# what a run imports
+
+
+IMPORTS_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import da3.plots
+    seen = {}
+    original = da3.plots.plot_curves
+    def plot_curves(*args, **kwargs):
+        seen['before_plot'] = sorted(sys.modules)
+        return original(*args, **kwargs)
+    da3.plots.plot_curves = plot_curves
+    from da3.cli import main
+    code = main(sys.argv[1:])
+    seen['after'] = sorted(sys.modules)
+    print(json.dumps({'code': code, **seen}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_lite0_run_imports_only_what_it_needs(tmp_path):
+    data = class_folder(tmp_path / "f", 4)
+    env = {**os.environ, "DA3_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    argv = ["train", "--domain", "d", "--data", str(data), "--image-size", "32"]
+    argv += ["--epochs", "1", "--quiet", "--store", str(tmp_path / "s")]
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORTS_SCRIPT, *argv], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["code"] == 0
+
+    def tops(names):
+        return {n.split(".")[0] for n in names} | {n for n in names if n.startswith("torch.")}
+
+    before, after = tops(seen["before_plot"]), tops(seen["after"])
+    never = {"torchvision", "onnx", "onnxscript", "onnxruntime", "sklearn", "scipy", "flwr"}
+    never |= {"torch._dynamo", "torch.utils.flop_counter"}  # ~155 and ~80 MiB resident
+    assert not never & after, never & after
+    assert "matplotlib" not in before and "matplotlib" in after  # only to draw the plot
+
+
+# ---------------------------------------------------------------------------------------
+# the optimizer
+
+
+def test_adamw_is_torchs_bit_for_bit():
+    import math
+
+    def run(kind):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+        groups = [{"params": list(net[0].parameters())}, {"params": list(net[2].parameters())}]
+        groups[1]["lr"] = 3e-3
+        factors = [lambda s: 0.5 * (1 + math.cos(math.pi * min(s, 20) / 20)), lambda s: s > 2]
+        if kind == "torch":
+            opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.01)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, factors)
+        else:
+            opt = AdamW(groups, lr=1e-3, weight_decay=0.01)
+            sched = LambdaSchedule(opt, factors)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(25):
+            loss = net(torch.randn(4, 5, generator=g)).pow(2).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        return [p.detach().clone() for p in net.parameters()], opt.state_dict()
+
+    (theirs, tsd), (ours, osd) = run("torch"), run("da3")
+    assert all(torch.equal(a, b) for a, b in zip(theirs, ours, strict=True))
+    assert tsd["state"].keys() == osd["state"].keys()
+    for k in tsd["state"]:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(tsd["state"][k][key], osd["state"][k][key])
+
+
+def test_adamw_state_round_trip():
+    net = torch.nn.Linear(3, 2)
+    opt = AdamW(net.parameters(), lr=0.1)
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    copy = torch.nn.Linear(3, 2)
+    copy.load_state_dict(net.state_dict())
+    again = AdamW(copy.parameters(), lr=0.1)
+    again.load_state_dict(opt.state_dict())
+    for o in (opt, again):
+        o.zero_grad()
+    net(torch.ones(1, 3)).sum().backward()
+    copy(torch.ones(1, 3)).sum().backward()
+    opt.step(), again.step()
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), copy.parameters(), strict=True))
+
+
+# ---------------------------------------------------------------------------------------
+# the frozen backbone held once
+
+
+def test_lean_only_backbone_holds_the_weights_once():
+    both = FrozenBackbone(create_backbone("efficientnet_lite0", None))
+    lean = FrozenBackbone(create_backbone("efficientnet_lite0", None), forms="lean")
+    assert lean.fingerprint == both.fingerprint  # of the stock weights, taken before
+    both.lean  # noqa: B018 - builds the lean form beside the stock one
+    assert lean.weight_bytes() < 0.5 * both.weight_bytes()
+    with pytest.raises(Da3Error, match="stock form"):
+        lean.stock  # noqa: B018
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(
+        lean.lean.forward_features(x), both.lean.forward_features(x), rtol=0, atol=0
+    )
+
+
+def test_finetune_trains_the_stock_network_without_a_copy():
+    frozen = FrozenBackbone(create_backbone("efficientnet_lite0", None), forms="stock")
+    stock = frozen.stock
+    model = build_model("finetune", frozen, 3, make_config("finetune"))
+    assert model.features.backbone is stock  # handed over, not copied
+    state = model.domain_state()
+    assert any(k.startswith("features.backbone.") for k in state)  # it is the domain's now
+
+
+def test_train_settings_check_once():
+    with pytest.raises(Da3Error, match="unknown backbone"):
+        TrainSettings(domain="a", data="b", backbone="vgg")
+    with pytest.raises(Da3Error, match="micro_batch"):
+        TrainSettings(domain="a", data="b", micro_batch=-1)
+    s = TrainSettings.from_values({"domain": "a", "data": "b", "epochs": "2", "reduction": "3"})
+    assert s.epochs == 2 and s.method_config["reduction"] == 3
+    assert TrainSettings.from_values(s.to_values()) == s  # config.yaml reads back as it was
+
+
+def test_cache_entry_written_in_chunks_reads_back(tmp_path):
+    labels = {s: np.arange(n) % 3 for s, n in (("train", 7), ("val", 2), ("test", 3))}
+    images = {
+        s: np.random.default_rng(0).integers(0, 255, (len(v), 3, 9, 9), dtype=np.uint8)
+        for s, v in labels.items()
+    }
+    root = tmp_path / "data"
+    cache.write_entry(
+        root,
+        "k",
+        name="k",
+        image_size=9,
+        classes=["a", "b", "c"],
+        source="here",
+        splits={s: (labels[s], iter(np.array_split(images[s], 3))) for s in labels},
+    )
+    d = cache.read(root, "k", "k", 9)
+    for s in labels:
+        assert np.array_equal(getattr(d, s).images[:].numpy(), images[s])
+
+
+@pytest.mark.slow
+def test_process_memory_stage_measures_real_runs(tmp_path):
+    """The bench stage: floors and one real `da3 train` process per run, each peak read two
+    ways, the table with the ratios to fine-tuning."""
+    from da3.bench import process_memory as pm
+
+    folder = class_folder(tmp_path / "f", 3)
+    spec = {
+        "backbones": [["efficientnet_lite0", "none"]],
+        "image_size": 64,
+        "batch_size": 4,
+        "epochs": 1,
+        "per_class": 3,
+    }
+    result = pm.run_process_memory(
+        ["finetune", "da3"], spec, work=tmp_path / "w", folder=folder, progress=lambda m: None
+    )
+    runs = [(r["method"], r["micro_batch"]) for r in result["rows"]]
+    assert runs == [("finetune", 4), ("da3", 4), ("finetune", 1), ("da3", 1)]
+    floor = result["floors"]["torch"]
+    for r in result["rows"]:
+        assert r["vmhwm_bytes"] > floor["vmhwm_bytes"] > 100 * 2**20
+        assert r["vmhwm_above_floor_bytes"] == r["vmhwm_bytes"] - floor["vmhwm_bytes"]
+        assert r["wait4_bytes"] >= r["vmhwm_bytes"]  # the kernel's figure covers the shutdown
+        assert (r["frozen_weights_bytes"] > 0) == (r["method"] == "da3")  # finetune trains all
+        assert r["peak_phase"]
+    ft, da3 = result["rows"][0], result["rows"][1]
+    assert ft["trainable_state_bytes"] > 10 * da3["trainable_state_bytes"]
+    table = pm.markdown_table(result)
+    assert "| da3 | 1 |" in table and "finetune b8 / this" in table
