@@ -95,6 +95,18 @@ def test_bench_writes_raw_results(bench):
         assert (results / f"bench_quick_{png}.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_states_record_image_size_and_data(bench):
+    # a trained state records what it was trained on, as a domain file does (issue #21)
+    from da3.io import read_safetensors_header
+
+    _, domains, results, _ = bench
+    states = sorted((results / ".states").glob("*.safetensors"))
+    assert states
+    for path in states:
+        meta = read_safetensors_header(path)["__metadata__"]
+        assert meta["image_size"] == "32" and meta["data"] in domains and meta["method"] == "da3"
+
+
 def test_bench_report_has_the_tables_and_keeps_the_discussion(bench):
     _, _, _, report = bench
     text = report.read_text()

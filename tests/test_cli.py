@@ -144,7 +144,7 @@ def test_train_list_show_eval_predict_delete(env, capsys):
     assert set(lines) == {"colours", "toy"}
     assert "da3" in lines["colours"] and "efficientnet_lite0" in lines["colours"]
 
-    assert cli("domains", "show", "colours", "--store", store) == 0
+    assert cli("domains", "show", "colours", "--store", store, "--json") == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["name"] == "colours" and shown["classes"] == CLASSES
     assert shown["tensors"]["head.weight"] == [3, 1280]
@@ -364,7 +364,7 @@ def test_fault_is_one_clean_error(env, capsys, fault):
     after = snapshot(env["store"])
     assert after == before, fault
     if fault not in broken:
-        assert cli("domains", "show", "toy", "--store", env["store"]) == 0
+        assert cli("domains", "show", "toy", "--store", env["store"], "--json") == 0
         assert json.loads(capsys.readouterr().out)["name"] == "toy"
 
 

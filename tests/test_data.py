@@ -501,13 +501,19 @@ def test_error_no_class_folders(tmp_path: Path) -> None:
     one_line(err, root, "no class sub-folders")
 
 
-def test_error_non_image_file(tmp_path: Path) -> None:
+def test_non_image_file_is_skipped_and_named(tmp_path: Path) -> None:
+    # as `da3 predict` does: a file that is not an image is passed over, and said so
     root = make_folder(tmp_path / "d", {"a": 2, "b": 2})
-    notes = root / "a" / "notes.txt"
-    notes.write_text("labelled by hand")
+    (root / "a" / "notes.txt").write_text("labelled by hand")
+    data = load_domain(root, 16, cache_dir=tmp_path / "c")
+    assert sum(data.counts().values()) == 4
+    assert any("notes.txt" in n and "not an image" in n for n in data.warnings())
+    for image in (root / "b").iterdir():
+        image.unlink()
+    (root / "b" / "labels.csv").write_text("x")
     with pytest.raises(Da3Error) as err:
         load_domain(root, 16, cache_dir=tmp_path / "c")
-    one_line(err, notes, "not an image file")
+    one_line(err, root / "b", "no images", "labels.csv")
 
 
 def test_error_bad_image_size(tmp_path: Path) -> None:

@@ -146,7 +146,7 @@ def test_second_writer_is_refused_at_once(env, capsys):
         assert _everything(store) == before  # nothing written, nothing deleted
 
         # reading is not blocked
-        assert cli("domains", "show", "c", "--store", store) == 0
+        assert cli("domains", "show", "c", "--store", store, "--json") == 0
         assert json.loads(capsys.readouterr().out)["name"] == "c"
         # another name trains while 'c' is held
         assert cli(*train_args("d", data, store)) == 0

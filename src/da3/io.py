@@ -1,5 +1,6 @@
 """Atomic writes of safetensors and JSON files (temporary file, fsync, rename), and
-checked reads of files a user may have received from anywhere.
+checked reads of files a user may have received from anywhere. Importing it does not
+import torch.
 
 A read never trusts a size the file declares: a JSON file is read up to a limit, a
 safetensors header is checked against the file's real size (every tensor's byte range
@@ -16,11 +17,12 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file
+from typing import TYPE_CHECKING
 
 from da3.errors import Da3Error
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written: commands that
+    import torch  # only read JSON (``da3 domains list``) start without it
 
 
 def _atomic(path: Path, write) -> None:
@@ -217,6 +219,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise Da3Error(f"{path}: file not found")
     read_safetensors_header(path)  # before safetensors allocates anything
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path))
     except Exception as err:  # noqa: BLE001 - any decoding failure is the file's fault

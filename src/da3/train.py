@@ -40,7 +40,7 @@ from da3.errors import Da3Error
 from da3.feature_cache import CACHE_DTYPES, FeatureCache
 from da3.io import read_json, read_tensors, write_json, write_tensors
 from da3.memory import optimizer_state_bytes, process_memory_bytes
-from da3.methods.base import AdaptedModel, MethodConfig
+from da3.methods.base import AdaptedModel, GateUsage, MethodConfig
 from da3.optim import AdamW, LambdaSchedule
 
 
@@ -221,10 +221,12 @@ def evaluate(
 ) -> dict:
     """Top-1 accuracy and mean loss of ``model`` on uint8 ``images`` (a tensor, or images
     read from disk a batch at a time), ``batch_size`` images at a time (with ``cache``:
-    the frozen taps of ``images``, reused where already computed)."""
+    the frozen taps of ``images``, reused where already computed). A model with dynamic
+    gates adds what they executed: ``gate_branches_run``, ``gate_flops_kept``."""
     was_training = model.training
     model.eval()
     correct, loss_sum = 0, 0.0
+    gates = model.count_gates()  # None without dynamic gates
     for i in range(0, len(images), batch_size):
         y = labels[i : i + batch_size].to(device)
         if cache is None:
@@ -240,7 +242,8 @@ def evaluate(
         correct += int((logits.argmax(1) == y).sum())
     model.train(was_training)
     n = max(1, len(images))
-    return {"accuracy": correct / n, "loss": loss_sum / n}
+    result = {"accuracy": correct / n, "loss": loss_sum / n}
+    return result if gates is None else result | gates.stop()
 
 
 def memory_in_use(device: str) -> int:
@@ -496,12 +499,15 @@ def fit(
             "train_seconds": train_seconds,
             "images_per_second": seen / seconds,
             "cache_bytes": cache_bytes,
+            **{k: v for k, v in val.items() if k.startswith("gate_")},  # on val, at inference
         }
         history.append(record)
         line = (
             f"  epoch {epoch + 1}/{config.epochs}: val accuracy {val['accuracy']:.4f}, "
             f"train loss {record['train_loss']:.4f}, {seconds:.1f}s"
         )
+        if "gate_branches_run" in val:
+            line += f"; {GateUsage.describe(val)}"
         if echo is not None:
             echo(line)
         elif progress:

@@ -453,6 +453,9 @@ def _fit_and_save(
     domain.classes = list(data.classes)
     domain.source = settings.data
     say(describe_data(data))
+    say(f"  {data.describe_classes()}")
+    for note in data.warnings():  # few images, a split lacking a class, the folder's layout
+        say(f"warning: {note}")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -508,6 +511,7 @@ def _fit_and_save(
         "best_epoch": result.best_epoch,
         "train_seconds": result.seconds,
         "train_images": len(data.train),
+        **{k: v for k, v in test.items() if k.startswith("gate_")},  # on test, at inference
     }
     domain.train = {k: getattr(settings, k) for k in settings.TRAIN_KEYS} | {"data": settings.data}
     with meter.phase("save"):

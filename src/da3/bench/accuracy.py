@@ -124,7 +124,9 @@ def run_accuracy(
             progress=sys.stderr.isatty(),
         )
         if m in keep_states:
-            write_tensors(state_path(states, tag, m, d, s), model.domain_state())
+            # the state records the image size and data it was trained on, as a domain does
+            meta = {"image_size": protocol["image_size"], "data": d, "method": m}
+            write_tensors(state_path(states, tag, m, d, s), model.domain_state(), meta)
         # training + test evaluation + saving: what this record cost (summed in the report)
         rec["wall_seconds"] = round(time.perf_counter() - t0, 1)
         if commit:

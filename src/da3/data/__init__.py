@@ -13,6 +13,9 @@ Benchmark domains (``BENCHMARK_DOMAINS``) are read from files that pip / apt pac
 per resolution and cached as safetensors + JSON (:mod:`da3.data.cache`; ``$DA3_CACHE_DIR``,
 default ``~/.cache/da3``). A folder path is read with the ImageFolder convention
 (:mod:`da3.data.folder`). Bad input raises :class:`da3.errors.Da3Error` with a one-line message.
+
+Importing this package does not import torch (``da3 data list`` and ``da3 cache`` run without
+it); loading a domain does.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from da3.data import cache, folder
+from da3.data import cache_index
 from da3.data.benchmarks import BENCHMARKS
 from da3.data.domain import DomainData, Split
 from da3.data.imaging import check_image_size
@@ -64,14 +67,16 @@ def load_domain(
     cache_dir: PathLike | None = None,
     *,
     progress: bool = False,
+    min_classes: int = 2,
 ) -> DomainData:
     """A benchmark domain by name (``"digits"``, ...) or a folder of class sub-folders.
 
     Uses the cache when it holds a valid entry, else builds the domain and stores it. A name
     in ``BENCHMARK_DOMAINS`` always means the benchmark; anything else is taken as a path.
+    ``min_classes=1`` accepts a folder of one class (to evaluate a domain on it).
     """
     size = _size(image_size)
-    root = cache.cache_root(cache_dir)
+    root = cache_index.cache_root(cache_dir)
     text = os.fspath(name_or_path)
     if text in BENCHMARKS:
         return _load_benchmark(text, size, root, progress)
@@ -81,7 +86,7 @@ def load_domain(
             f"{text}: unknown domain; expected one of {', '.join(BENCHMARK_DOMAINS)} "
             "or the path of a folder with one sub-folder per class"
         )
-    return _load_folder(path.absolute(), size, root, progress)
+    return _load_folder(path.absolute(), size, root, progress, min_classes)
 
 
 def class_count(name_or_path: PathLike, image_size: int = DEFAULT_IMAGE_SIZE) -> int:
@@ -91,8 +96,10 @@ def class_count(name_or_path: PathLike, image_size: int = DEFAULT_IMAGE_SIZE) ->
     text = os.fspath(name_or_path)
     if text in BENCHMARKS:
         bench = BENCHMARKS[text]
-        meta = cache.read_meta(
-            cache.entry_paths(cache.cache_root(), _benchmark_key(text, _size(image_size)))[1]
+        meta = cache_index.read_meta(
+            cache_index.entry_paths(
+                cache_index.cache_root(), _benchmark_key(text, _size(image_size))
+            )[1]
         )
         if meta and isinstance(meta.get("classes"), list):
             return len(meta["classes"])
@@ -100,10 +107,14 @@ def class_count(name_or_path: PathLike, image_size: int = DEFAULT_IMAGE_SIZE) ->
     path = Path(text).expanduser()
     if not path.exists() and os.sep not in text and "/" not in text and not text.startswith("."):
         load_domain(text, image_size)  # the unknown-domain error
+    from da3.data import folder
+
     return len(folder.scan(path.absolute()).classes)
 
 
 def _load_benchmark(name: str, size: int, root: Path, progress: bool) -> DomainData:
+    from da3.data import cache
+
     key = _benchmark_key(name, size)
     bench = BENCHMARKS[name]
     cached = cache.read(root, key, name, size, bench.cache_fields())
@@ -116,12 +127,18 @@ def _load_benchmark(name: str, size: int, root: Path, progress: bool) -> DomainD
     return domain
 
 
-def _load_folder(path: Path, size: int, root: Path, progress: bool) -> DomainData:
-    scanned = folder.scan(path)
+def _load_folder(
+    path: Path, size: int, root: Path, progress: bool, min_classes: int = 2
+) -> DomainData:
+    from da3.data import cache, folder
+
+    scanned = folder.scan(path, min_classes)
     key = folder.cache_key(path, size)
     stamp = {"kind": "folder", "fingerprint": folder.fingerprint(path, scanned.files)}
+    notes = folder.layout_notes(scanned)
     cached = cache.read(root, key, path.name, size, stamp)
     if cached is not None and cached.classes == scanned.classes:
+        cached.notes = notes
         return cached
     # Decoded a chunk at a time straight into the cache file, then read back from it: a
     # folder of any size costs a chunk of memory, not the folder.
@@ -156,15 +173,20 @@ def _load_folder(path: Path, size: int, root: Path, progress: bool) -> DomainDat
             )
     except cache.CacheWriteError as err:
         log.warning("da3: %s", err)  # no cache: decode into memory, as a last resort
-        return folder.build(scanned, size, progress)
+        domain = folder.build(scanned, size, progress)
+        domain.notes = notes
+        return domain
     domain = cache.read(root, key, path.name, size, stamp)
     if domain is None:
         raise Da3Error(f"{cache.entry_paths(root, key)[0]}: cache entry unreadable after writing")
+    domain.notes = notes
     return domain
 
 
 def _store(root: Path, key: str, domain: DomainData, extra: dict[str, Any]) -> bool:
     # A cache that cannot be written costs time later, not correctness now: warn and go on.
+    from da3.data import cache
+
     try:
         cache.write(root, key, domain, extra)
     except Da3Error as err:
@@ -184,12 +206,12 @@ def describe_domains(
     ``requirement`` (what to install), ``image_size``.
     """
     size = _size(image_size)
-    root = cache.cache_root(cache_dir)
+    root = cache_index.cache_root(cache_dir)
     rows = []
     for name, bench in BENCHMARKS.items():
         n_classes, n_train, n_val, n_test = bench.nominal_counts
-        tensors_path, meta_path = cache.entry_paths(root, _benchmark_key(name, size))
-        meta = cache.read_meta(meta_path) if tensors_path.exists() else None
+        tensors_path, meta_path = cache_index.entry_paths(root, _benchmark_key(name, size))
+        meta = cache_index.read_meta(meta_path) if tensors_path.exists() else None
         if meta is not None and any(meta.get(k) != v for k, v in bench.cache_fields().items()):
             meta = None  # outdated: the next load rebuilds it
         if meta is not None:
@@ -227,6 +249,8 @@ def prepare(
     entry was already there and ``force`` is false), ``seconds``, ``path`` (the tensors file).
     Errors (unknown name, missing package, unwritable cache) raise Da3Error.
     """
+    from da3.data import cache
+
     size = _size(image_size)
     root = cache.cache_root(cache_dir)
     wanted = list(BENCHMARK_DOMAINS if names is None else names)

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from da3.data import clipart, textures
 from da3.data.domain import DomainData, Split, fixed_sizes, split_indices
@@ -104,6 +103,8 @@ def _from_arrays(
     labels: np.ndarray,
     parts: tuple[np.ndarray, np.ndarray, np.ndarray],
 ) -> DomainData:
+    import torch
+
     splits = [
         Split(gray_array_to_tensor(gray[idx], image_size), torch.from_numpy(labels[idx]))
         for idx in parts
@@ -186,6 +187,8 @@ def _build_clothing(image_size: int, progress: bool = False) -> DomainData:
     n_train, n_val, n_test = MNIST_LIKE_SPLIT
     train_idx, val_idx, _ = split_indices(arrays["train"][1], fixed_sizes(n_train, n_val, 0))
     _, _, test_idx = split_indices(arrays["t10k"][1], fixed_sizes(0, 0, n_test))
+    import torch
+
     splits = []
     for part, idx in (("train", train_idx), ("train", val_idx), ("t10k", test_idx)):
         images, labels = arrays[part]

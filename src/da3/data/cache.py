@@ -36,37 +36,17 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+# where the cache is and reading an entry's JSON need no torch (`da3 cache`, `da3 data list`)
+from da3.data.cache_index import (  # noqa: F401 - part of this module's interface
+    FORMAT_VERSION,
+    cache_root,
+    entry_paths,
+    read_meta,
+)
 from da3.data.domain import SPLIT_NAMES, DomainData, Split
 from da3.errors import Da3Error
 
-FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The folder prepared domains live in: ``<cache_dir>/data``.
-
-    ``cache_dir`` defaults to ``$DA3_CACHE_DIR``, then ``~/.cache/da3``.
-    """
-    if cache_dir is None:
-        cache_dir = os.environ.get("DA3_CACHE_DIR") or Path.home() / ".cache" / "da3"
-    return Path(cache_dir).expanduser() / "data"
-
-
-def entry_paths(root: Path, key: str) -> tuple[Path, Path]:
-    """(tensors file, JSON file) of one cache entry."""
-    return root / f"{key}.safetensors", root / f"{key}.json"
-
-
-def read_meta(meta_path: Path) -> dict[str, Any] | None:
-    """The JSON of an entry, or None when missing or unreadable (cheap: no tensors read)."""
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        return None
-    return meta
 
 
 # ---------------------------------------------------------------------------------------

@@ -49,7 +49,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -237,5 +236,7 @@ def build(image_size: int, progress: bool = False) -> DomainData:
     stacked = np.stack([blank if img is None else img for img in images])
     labels = np.array([c for c, _ in jobs], dtype=np.int64)
     parts = split_indices(labels, fraction_sizes(*SPLIT_FRACTIONS))
+    import torch
+
     splits = [Split(torch.from_numpy(stacked[idx]), torch.from_numpy(labels[idx])) for idx in parts]
     return DomainData("clipart", names, *splits, image_size=image_size, source=str(root))

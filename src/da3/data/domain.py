@@ -14,14 +14,17 @@ that class's index; the first ``n_test`` go to test, the next ``n_val`` to val, 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # imported where used: `da3 data list` and `da3 cache` run without torch
+    import torch
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 SPLIT_SEED = 20201202  # fixed: changing it changes every split (bump the cache format with it)
+FEW_IMAGES = 5  # a class with fewer images is warned about: too few to learn or to judge
 
 
 @dataclass
@@ -42,6 +45,8 @@ class Split:
 
     def class_counts(self, num_classes: int) -> list[int]:
         """How many examples of each class this split holds."""
+        import torch
+
         return torch.bincount(self.labels, minlength=num_classes).tolist()
 
     def per_class(self, n: int, seed: int = 0) -> Split:
@@ -51,6 +56,8 @@ class Split:
         """
         if n < 1:
             raise ValueError(f"per_class needs n >= 1, got {n}")
+        import torch
+
         labels = self.labels.numpy()
         keep: list[np.ndarray] = []
         for c in np.unique(labels):
@@ -74,6 +81,7 @@ class DomainData:
     image_size: int
     source: str
     layout: str = ""  # how the splits were made, in words (for a folder: which layout)
+    notes: list[str] = field(default_factory=list)  # what loading found that may be a mistake
 
     @property
     def num_classes(self) -> int:
@@ -90,6 +98,8 @@ class DomainData:
     def bytes_in_memory(self) -> int:
         """Bytes this domain holds in memory: its labels, and its images unless they are
         read from the cache file a batch at a time."""
+        import torch
+
         total = 0
         for split in self.splits().values():
             total += split.labels.numel() * split.labels.element_size()
@@ -100,6 +110,55 @@ class DomainData:
     def counts(self) -> dict[str, int]:
         """Number of images per split, e.g. ``{"train": 2000, "val": 500, "test": 1000}``."""
         return {name: len(split) for name, split in self.splits().items()}
+
+    def class_counts(self) -> dict[str, list[int]]:
+        """Per split, the number of images of each class."""
+        return {s: split.class_counts(self.num_classes) for s, split in self.splits().items()}
+
+    def describe_classes(self, limit: int = 8) -> str:
+        """``classes: cat 40/7/20, dog 38/6/19, ...`` (train/val/test images of each)."""
+        counts = self.class_counts()
+        parts = [
+            f"{name} {'/'.join(str(counts[s][i]) for s in SPLIT_NAMES)}"
+            for i, name in enumerate(self.classes[:limit])
+        ]
+        more = f", ... ({self.num_classes - limit} more)" if self.num_classes > limit else ""
+        return f"classes (train/val/test images): {', '.join(parts)}{more}"
+
+    def warnings(self, few: int = FEW_IMAGES) -> list[str]:
+        """What a user should know before trusting a run on this data: loading's notes
+        (a folder's layout), classes with fewer than ``few`` images, a split without any
+        image of a class. Each is one line; none stops training."""
+        out = list(self.notes)
+        counts = self.class_counts()
+        totals = [sum(counts[s][i] for s in SPLIT_NAMES) for i in range(self.num_classes)]
+        small = [i for i, n in enumerate(totals) if n < few]
+        if small:
+            listed = ", ".join(
+                f"{self.classes[i]} {'/'.join(str(counts[s][i]) for s in SPLIT_NAMES)}"
+                for i in small[:5]
+            )
+            out.append(
+                f"{len(small)} of {self.num_classes} classes "
+                f"{'has' if len(small) == 1 else 'have'} fewer than {few} images "
+                f"({listed}{', ...' if len(small) > 5 else ''} train/val/test): too few to "
+                "learn from or to judge; their val and test accuracy mean little"
+            )
+        for s in ("val", "test"):
+            if len(getattr(self, s)) == 0:
+                out.append(
+                    f"the {s} split is empty"
+                    + ("; the best epoch is chosen on nothing" if s == "val" else "")
+                )
+                continue
+            missing = [i for i, n in enumerate(counts[s]) if n == 0 and i not in small]
+            if missing:
+                names = ", ".join(self.classes[i] for i in missing[:5])
+                out.append(
+                    f"the {s} split has no image of {len(missing)} classes ({names}"
+                    f"{', ...' if len(missing) > 5 else ''}); its accuracy leaves them out"
+                )
+        return out
 
 
 def split_indices(

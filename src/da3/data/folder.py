@@ -8,11 +8,15 @@ Rules, so that a mistake in the data is reported, not silently learned from:
 - Hidden files and folders (name starting with ``.``, e.g. ``.DS_Store``) and the OS clutter
   files ``Thumbs.db`` / ``desktop.ini`` are skipped. Loose files directly in ``root`` are
   ignored (they belong to no class).
-- Any other file must have an image extension (``IMAGE_EXTENSIONS``) and decode with PIL;
-  otherwise a :class:`~da3.errors.Da3Error` names the file (``notes.txt`` in a class folder is
-  an error, not noise: it usually means the folder is not what the user thinks).
+- Files without an image extension (``IMAGE_EXTENSIONS``: ``notes.txt``, ``labels.csv``) are
+  skipped too, as ``da3 predict`` skips them, and training names them in a warning
+  (:attr:`FolderScan.skipped`). A file with an image extension must decode with PIL;
+  otherwise a :class:`~da3.errors.Da3Error` names the file.
 - A class folder without images, a root without class folders, or a root with only one class
-  (a classifier needs two) is an error too.
+  (a classifier needs two) is an error.
+- What looks like a mistake but may not be one is a warning (:func:`layout_notes`): class
+  folders named like years or dates (``photos/2023/<classes>`` given one level too high),
+  or like splits that da3 does not recognise as such (``training/``, ``testing/``).
 
 Images are converted to RGB (transparency onto white, EXIF rotation applied), the short side
 resized to the resolution and the centre cut out (PIL bilinear, antialiased). Splits: 60/10/30
@@ -36,7 +40,7 @@ import os
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +82,7 @@ class FolderScan:
     classes: list[str]
     files: list[tuple[Path, int]]
     given: dict[str, list[int]] | None = None  # split -> positions in ``files``
+    skipped: list[Path] = field(default_factory=list)  # files that are not images
 
     @property
     def layout(self) -> str:
@@ -107,9 +112,10 @@ def _subfolders(root: Path) -> list[str]:
     return [e.name for e in entries if e.is_dir() and not _skipped(e.name)]
 
 
-def scan(root: Path) -> FolderScan:
+def scan(root: Path, min_classes: int = 2) -> FolderScan:
     """The classes and image files of an ImageFolder tree (or one already split into
-    ``train/``, ``val/``, ``test/`` folders of class folders), checked."""
+    ``train/``, ``val/``, ``test/`` folders of class folders), checked. ``min_classes``:
+    2 to train on; 1 to evaluate a domain on a folder of one of its classes."""
     if not root.exists():
         raise Da3Error(f"{root}: no such file or folder")
     if not root.is_dir():
@@ -117,24 +123,27 @@ def scan(root: Path) -> FolderScan:
     top = _subfolders(root)
     splits = [d for d in top if d.lower() in SPLIT_FOLDERS]
     if splits:
-        return _scan_split_folders(root, top, splits)
+        return _scan_split_folders(root, top, splits, min_classes)
     classes = top
     if not classes:
         raise Da3Error(f"{root}: no class sub-folders (put the images of each class in its own)")
-    if len(classes) == 1:
+    if len(classes) < min_classes:
         raise Da3Error(
             f"{root}: only one class folder ('{classes[0]}'); a domain needs at least 2 classes"
         )
     files: list[tuple[Path, int]] = []
+    skipped: list[Path] = []
     for index, name in enumerate(classes):
-        found = _class_files(root / name)
+        found = image_files(root / name, skipped)
         if not found:
-            raise Da3Error(f"{root / name}: class folder has no images")
+            raise Da3Error(f"{root / name}: class folder has no images{_skipped_note(skipped)}")
         files.extend((path, index) for path in found)
-    return FolderScan(root, classes, files)
+    return FolderScan(root, classes, files, skipped=skipped)
 
 
-def _scan_split_folders(root: Path, top: list[str], splits: list[str]) -> FolderScan:
+def _scan_split_folders(
+    root: Path, top: list[str], splits: list[str], min_classes: int = 2
+) -> FolderScan:
     others = [d for d in top if d not in splits]
     if others:
         raise Da3Error(
@@ -169,23 +178,27 @@ def _scan_split_folders(root: Path, top: list[str], splits: list[str]) -> Folder
                 if part
             )
             raise Da3Error(f"{root}: split folders have different classes ({what})")
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         raise Da3Error(
             f"{root / by_split['train']}: needs at least 2 class folders, found {len(classes)}"
         )
     files: list[tuple[Path, int]] = []
+    skipped: list[Path] = []
     given: dict[str, list[int]] = {}
     for kind in ("train", "val", "test"):
         if kind not in by_split:
             continue
         given[kind] = []
         for index, name in enumerate(classes):
-            found = _class_files(root / by_split[kind] / name)
+            found = image_files(root / by_split[kind] / name, skipped)
             if not found and kind == "train":
-                raise Da3Error(f"{root / by_split[kind] / name}: class folder has no images")
+                raise Da3Error(
+                    f"{root / by_split[kind] / name}: class folder has no images"
+                    f"{_skipped_note(skipped)}"
+                )
             given[kind].extend(range(len(files), len(files) + len(found)))
             files.extend((path, index) for path in found)
-    return FolderScan(root, classes, files, given)
+    return FolderScan(root, classes, files, given, skipped)
 
 
 def split_plan(folder: FolderScan) -> dict[str, list[int]]:
@@ -209,7 +222,10 @@ def split_plan(folder: FolderScan) -> dict[str, list[int]]:
     return plan
 
 
-def _class_files(folder: Path) -> list[Path]:
+def image_files(folder: Path, skipped: list[Path] | None = None) -> list[Path]:
+    """The image files under ``folder``, nested folders included, in a fixed order; hidden
+    files and OS clutter are passed over, other files that are not images are added to
+    ``skipped``."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not _skipped(d))
@@ -218,12 +234,79 @@ def _class_files(folder: Path) -> list[Path]:
                 continue
             path = Path(dirpath) / name
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                raise Da3Error(
-                    f"{path}: not an image file (expected one of "
-                    f"{', '.join(sorted(IMAGE_EXTENSIONS))})"
-                )
+                if skipped is not None:
+                    skipped.append(path)
+                continue
             found.append(path)
     return found
+
+
+def _skipped_note(skipped: list[Path]) -> str:
+    if not skipped:
+        return ""
+    return f" (skipped {_files_text(skipped)} that {_not_images(skipped)})"
+
+
+def _not_images(items: list) -> str:
+    return "is not an image" if len(items) == 1 else "are not images"
+
+
+def _files_text(paths: list[Path], limit: int = 3) -> str:
+    names = ", ".join(p.name for p in paths[:limit]) + (", ..." if len(paths) > limit else "")
+    return f"{len(paths)} file{'s' if len(paths) != 1 else ''} ({names})"
+
+
+_YEAR = re.compile(r"(19|20)\d\d([-_.]\d{1,2}){0,2}")
+_SPLIT_LIKE = re.compile(
+    r"(train|training|trn|val|valid|validation|dev|test|testing|tst|eval|evaluation|holdout)"
+    r"([-_ ]?(set|data|images|split|\d+))?",
+    re.IGNORECASE,
+)
+
+
+def _same_subfolders(folder: FolderScan) -> list[str]:
+    """The sub-folders every class folder holds, when they hold their images only in those
+    same (at least 2) sub-folders; else []."""
+    inner: list[set[str]] = [set() for _ in folder.classes]
+    for path, label in folder.files:
+        parts = path.relative_to(folder.root / folder.classes[label]).parts
+        if len(parts) < 2:
+            return []
+        inner[label].add(parts[0])
+    first = inner[0]
+    return sorted(first) if len(first) > 1 and all(s == first for s in inner) else []
+
+
+def layout_notes(folder: FolderScan) -> list[str]:
+    """Warnings about a folder's layout that may be a mistake (see the module docstring)."""
+    notes = []
+    classes = folder.classes
+    years = [c for c in classes if _YEAR.fullmatch(c)]
+    if len(years) == len(classes):
+        notes.append(
+            f"the class folders are named like years or dates ({', '.join(years[:4])}"
+            f"{', ...' if len(years) > 4 else ''}): is --data one level too high? Each folder "
+            f"directly under {folder.root} is taken as a class"
+        )
+    elif folder.given is None and len(classes) > 1 and _same_subfolders(folder):
+        inner = _same_subfolders(folder)
+        notes.append(
+            f"every class folder holds the same sub-folders ({', '.join(inner[:4])}"
+            f"{', ...' if len(inner) > 4 else ''}) and no image of its own: is --data one "
+            f"level too high? Each folder directly under {folder.root} is taken as a class"
+        )
+    else:
+        split_like = [c for c in classes if _SPLIT_LIKE.fullmatch(c)]
+        if split_like:
+            notes.append(
+                f"class folders {', '.join(split_like[:4])} look like splits, not classes; da3 "
+                "takes train/, val/ (or valid/, validation/) and test/ as split folders, each "
+                "holding the class folders: rename them so, or their images are learnt as "
+                "classes"
+            )
+    if folder.skipped:
+        notes.append(f"skipped {_files_text(folder.skipped)} that {_not_images(folder.skipped)}")
+    return notes
 
 
 def cache_key(root: Path, image_size: int) -> str:

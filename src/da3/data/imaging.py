@@ -8,10 +8,13 @@ composited onto white, the way clip art and icons are meant to be seen.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # imported where a tensor is made: `da3 data list` runs without torch
+    import torch
 
 MIN_IMAGE_SIZE = 8
 MAX_IMAGE_SIZE = 1024
@@ -103,6 +106,8 @@ def to_chw(image: Image.Image) -> np.ndarray:
 
 def stack_images(images: Iterable[np.ndarray], size: int) -> torch.Tensor:
     """N x 3 x size x size uint8 tensor from 3 x size x size arrays."""
+    import torch
+
     arrays = list(images)
     if not arrays:
         return torch.zeros((0, 3, size, size), dtype=torch.uint8)
@@ -111,6 +116,8 @@ def stack_images(images: Iterable[np.ndarray], size: int) -> torch.Tensor:
 
 def gray_array_to_tensor(gray: np.ndarray, size: int) -> torch.Tensor:
     """N x H x W uint8 grayscale images to N x 3 x size x size uint8 (PIL bilinear)."""
+    import torch
+
     out = np.empty((len(gray), size, size), dtype=np.uint8)
     for i, g in enumerate(gray):
         out[i] = np.asarray(

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from da3.data.domain import DomainData, Split
@@ -142,6 +141,8 @@ def render_view(tile: np.ndarray, rng: np.random.Generator, image_size: int) -> 
 
 
 def build(image_size: int, progress: bool = False) -> DomainData:
+    import torch
+
     root = pattern_root()
     files = pattern_files(root)
     tiles = [read_pat(path).pixels for _, path in files]

@@ -42,7 +42,7 @@ def register(commands) -> None:
         "the classes, image size, mean/std, method and backbone fingerprint.",
     )
     _common(p, 16, "the export is checked on")
-    p.add_argument("--format", required=True, help="onnx or torchscript")
+    p.add_argument("--format", required=True, help="onnx or torchscript (any case)")
     p.add_argument(
         "--gates",
         help="on: DA3's closed gates skip their branch (an If node / if per gated block; "
@@ -135,11 +135,15 @@ def _gate_mode(text: str | None, has_gates: bool, name: str) -> str:
 
 
 def run_export(args) -> int:
+    import time
+
     from da3.domains import DomainStore
     from da3.export.core import SUFFIX, check_format, export_model, gated_blocks
 
-    fmt = check_format(args.format)
+    fmt = check_format(args.format.lower())  # ONNX, onnx
     DomainStore(args.store).require(args.domain)
+    if args.gates is not None:
+        args.gates = args.gates.lower()
     if args.gates is not None and args.gates not in ("on", "off"):
         raise Da3Error(f"--gates must be on or off, not {args.gates!r}")
     if not 0 < args.tolerance < float("inf"):
@@ -152,6 +156,13 @@ def run_export(args) -> int:
     def warn(msg: str) -> None:
         print(msg, file=sys.stderr)
 
+    start = time.perf_counter()
+
+    def step(msg: str) -> None:
+        # on stdout, as training's lines are: stderr is for what went wrong
+        print(f"  [{time.perf_counter() - start:4.0f}s] {msg}", flush=True)
+
+    step(f"loading domain {args.domain!r} and sample images")
     model, d, metadata, samples = load_for_export(args.store, args.domain, args.samples, warn)
     gates = _gate_mode(args.gates, bool(gated_blocks(d.model)), args.domain)
     out = args.out
@@ -159,7 +170,15 @@ def run_export(args) -> int:
         tag = ".static" if args.gates == "off" else ""
         out = Path(args.store) / "exports" / f"{args.domain}{tag}{SUFFIX[fmt]}"
     r = export_model(
-        d.model, out, fmt, samples, metadata, gates=gates, tolerance=args.tolerance, rtol=args.rtol
+        d.model,
+        out,
+        fmt,
+        samples,
+        metadata,
+        gates=gates,
+        tolerance=args.tolerance,
+        rtol=args.rtol,
+        progress=step,
     )
     c = r.comparison
     print(

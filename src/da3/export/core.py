@@ -474,6 +474,7 @@ def export_model(
     gates: str = "dynamic",
     tolerance: float = TOLERANCE,
     rtol: float = RTOL,
+    progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export ``model`` (a domain's network) to ``path`` as ``fmt``, verified on ``samples``
     (normalised N x 3 x S x S, N >= 2), with ``metadata`` (see :func:`domain_metadata`) in the
@@ -481,7 +482,9 @@ def export_model(
     when the method cannot be exported or the exported file does not match PyTorch; then no
     file is written and an existing one at ``path`` is left as it was. The largest absolute
     difference of the logits accepted is ``tolerance + rtol * (largest |logit|)``: float32
-    rounding differs between runtimes, and grows with the logits (about 5e-5 on logits of 30)."""
+    rounding differs between runtimes, and grows with the logits (about 5e-5 on logits of 30).
+    ``progress``: told each step as it starts (the conversion takes tens of seconds)."""
+    say = progress or (lambda msg: None)
     check_format(fmt)
     if not 0 < tolerance < float("inf"):
         raise Da3Error(f"export: tolerance must be positive, got {tolerance}")
@@ -498,7 +501,9 @@ def export_model(
     metadata["gated_blocks"] = len(gated_blocks(model))
     example = samples[:2]
     try:
+        say("building the inference graph" + (f" ({mode} gates)" if has_gates else ""))
         module = inference_module(model, fmt, gates if has_gates else "static", example)
+        say(f"converting to {'ONNX' if fmt == 'onnx' else 'TorchScript'} (the slow part)")
         blob = (_onnx_bytes if fmt == "onnx" else _torchscript_bytes)(module, example, metadata)
     except Da3Error:
         raise
@@ -520,6 +525,10 @@ def export_model(
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _file_mode(path))
+        say(
+            f"checking it against PyTorch on {len(samples)} images with "
+            f"{'onnxruntime' if fmt == 'onnx' else 'torch.jit'}"
+        )
         try:
             cmp = compare(model, open_runner(tmp, fmt), samples, tolerance, rtol)
         except Exception as err:  # noqa: BLE001 - a file its runtime cannot run does not match

@@ -13,6 +13,7 @@ from da3.methods import (  # noqa: F401  (registers them)
 from da3.methods.base import (
     AdaptedModel,
     FrozenBackbone,
+    GateUsage,
     MethodConfig,
     build_model,
     config_help,
@@ -27,6 +28,7 @@ from da3.methods.base import (
 __all__ = [
     "AdaptedModel",
     "FrozenBackbone",
+    "GateUsage",
     "MethodConfig",
     "build_model",
     "config_help",

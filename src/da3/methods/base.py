@@ -146,6 +146,63 @@ def _storage_ptrs(module: nn.Module) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in tensors}
 
 
+@dataclass
+class GateUsage:
+    """What a model's dynamic gates executed over the images it saw at inference
+    (:meth:`AdaptedModel.count_gates`): per gated branch, its share of the model's FLOPs and
+    how often it ran."""
+
+    shares: list[float]  # each gated branch's FLOPs as a fraction of the whole model's
+    ran: list[int] = field(default_factory=list)
+    seen: list[int] = field(default_factory=list)
+    detach: Callable[[], None] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.ran = self.ran or [0] * len(self.shares)
+        self.seen = self.seen or [0] * len(self.shares)
+
+    def stop(self) -> dict[str, float]:
+        """Stop counting; what was counted (:meth:`as_dict`)."""
+        if self.detach is not None:
+            self.detach()
+            self.detach = None
+        return self.as_dict()
+
+    def add(self, branch: int, ran: int, seen: int) -> None:
+        self.ran[branch] += ran
+        self.seen[branch] += seen
+
+    @property
+    def branches_run(self) -> float:
+        """The fraction of (image, gated branch) pairs whose branch ran."""
+        return sum(self.ran) / max(1, sum(self.seen))
+
+    @property
+    def flops_kept(self) -> float:
+        """The fraction of the model's FLOPs executed: every branch's share, times how
+        often it ran (an estimate from each branch's share, not a count of the graph)."""
+        skipped = sum(
+            share * (1 - ran / seen)
+            for share, ran, seen in zip(self.shares, self.ran, self.seen, strict=True)
+            if seen
+        )
+        return 1.0 - skipped
+
+    def as_dict(self) -> dict[str, float]:
+        return {"gate_branches_run": self.branches_run, "gate_flops_kept": self.flops_kept}
+
+    @staticmethod
+    def describe(record: dict) -> str:
+        """``gates run 43% of branches, 71% of FLOPs`` from a record with the keys of
+        :meth:`as_dict`, or "" without them."""
+        if "gate_branches_run" not in record:
+            return ""
+        return (
+            f"gates run {100 * record['gate_branches_run']:.0f}% of branches, "
+            f"{100 * record['gate_flops_kept']:.0f}% of FLOPs"
+        )
+
+
 class AdaptedModel(nn.Module):
     """A domain's network: (shared frozen backbone + the method's modules) -> head.
 
@@ -183,6 +240,12 @@ class AdaptedModel(nn.Module):
     def batch_coupling(self) -> str | None:
         """What, besides batch norm in training mode, makes a sample's gradient depend on
         the other samples of its batch (so micro-batches are not exact), or None."""
+        return None
+
+    def count_gates(self) -> GateUsage | None:
+        """Count what the model's dynamic gates execute in its inference passes from now
+        until :meth:`GateUsage.stop` (a new count replaces an unfinished one): a
+        :class:`GateUsage` filled as they run, or None for a model without gates."""
         return None
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -34,7 +34,14 @@ from torch.autograd import Function
 from da3.backbones.base import Backbone, Block
 from da3.errors import Da3Error
 from da3.lean import lean_adaptive_avg_pool2d, share_clone
-from da3.methods.base import AdaptedModel, FrozenBackbone, MethodConfig, new_head, register_method
+from da3.methods.base import (
+    AdaptedModel,
+    FrozenBackbone,
+    GateUsage,
+    MethodConfig,
+    new_head,
+    register_method,
+)
 from da3.methods.finetune import _Features
 
 
@@ -194,6 +201,7 @@ class DA3Block(nn.Module):
             nn.init.constant_(self.gate.bias, config.gate_init)
         self.branch_flops = 0.0  # set by the builder, for the budget
         self.last_gate: torch.Tensor | None = None  # soft gates of the last forward
+        self.usage: tuple[GateUsage, int] | None = None  # (counter, this branch's index)
 
     def _out_hw(self, x: torch.Tensor) -> tuple[int, int]:
         s = self.block.stride
@@ -233,6 +241,9 @@ class DA3Block(nn.Module):
     def _gated_inference(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Run the frozen branch only for the samples whose gate is open."""
         open_ = g > 0.5
+        if self.usage is not None:
+            counter, branch = self.usage
+            counter.add(branch, int(open_.sum()), len(open_))
         if bool(open_.all()):
             return self.block.branch(x)
         out = torch.zeros(
@@ -251,6 +262,20 @@ class DA3Model(AdaptedModel):
 
     def gated_blocks(self) -> list[DA3Block]:
         return [m for m in self.modules() if isinstance(m, DA3Block) and m.gate is not None]
+
+    def count_gates(self) -> GateUsage | None:
+        blocks = self.gated_blocks()
+        if not blocks:
+            return None
+
+        def detach() -> None:
+            for b in blocks:
+                b.usage = None
+
+        usage = GateUsage([b.branch_flops for b in blocks], detach=detach)
+        for i, b in enumerate(blocks):
+            b.usage = (usage, i)
+        return usage
 
     def batch_coupling(self) -> str | None:
         if self.gated_blocks():
