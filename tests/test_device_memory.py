@@ -453,3 +453,24 @@ def test_process_memory_stage_measures_real_runs(tmp_path):
     assert ft["trainable_state_bytes"] > 10 * da3["trainable_state_bytes"]
     table = pm.markdown_table(result)
     assert "| da3 | 1 |" in table and "finetune b8 / this" in table
+
+
+def test_best_epoch_waits_on_disk(tmp_path, monkeypatch):
+    """With a run folder, the best epoch's state is a file named by the checkpoint, not a
+    copy in memory; the file it replaces goes once the checkpoint names the new one."""
+    monkeypatch.setenv("DA3_CACHE_DIR", str(tmp_path / "cache"))
+    from da3.io import LazyTensors, read_json
+    from da3.train import TrainConfig, fit_domain
+
+    data = load_domain(class_folder(tmp_path / "f", 6), 32)
+    frozen = FrozenBackbone(create_backbone("efficientnet_lite0", None))
+    model = build_model("linear", frozen, 3, make_config("linear", {"lr": 0.05}))
+    run = tmp_path / "run"
+    run.mkdir()
+    config = TrainConfig(epochs=3, batch_size=4, augment=False)
+    result = fit_domain(model, data, frozen.preprocess, make_config("linear"), config, run_dir=run)
+    assert isinstance(result.best_state, LazyTensors)
+    files = sorted(p.name for p in run.glob("best-epoch*.safetensors"))
+    assert files == [f"best-epoch{result.best_epoch}.safetensors"]
+    assert read_json(run / "checkpoint.json")["best_file"] == files[0]
+    assert set(result.best_state) == set(model.domain_state())

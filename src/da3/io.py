@@ -16,6 +16,7 @@ import math
 import os
 import struct
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -97,15 +98,89 @@ def one_line(err: BaseException, limit: int = 200) -> str:
 def write_tensors(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None
 ) -> str:
-    """Write ``tensors`` atomically; returns the SHA-256 (hex) of the file written."""
-    from safetensors.torch import save
+    """Write ``tensors`` atomically in the safetensors format; returns the SHA-256 (hex) of
+    the file written. Streamed a tensor at a time, straight from each tensor's memory:
+    nothing is copied but a tensor that is not contiguous or not on the CPU (safetensors'
+    own writer first builds the whole file in memory, which for a fine-tuned network's
+    checkpoint is as large again as its weights, gradients' worth and optimizer state)."""
+    import torch
 
-    blob = save(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-        metadata={k: str(v) for k, v in (metadata or {}).items()},
+    items = sorted(
+        ((k, v.detach()) for k, v in tensors.items()),
+        key=lambda kv: (-kv[1].element_size(), kv[0]),  # each tensor aligned to its size
     )
-    _atomic(path, lambda f: f.write(blob))
-    return hashlib.sha256(blob).hexdigest()
+    head = safetensors_header(
+        [
+            (k, DTYPE_NAMES[str(v.dtype)], list(v.shape), v.numel() * v.element_size())
+            for k, v in items
+        ],
+        {k: str(v) for k, v in (metadata or {}).items()},
+    )
+    digest = hashlib.sha256()
+
+    def write(f) -> None:
+        f.write(head)
+        digest.update(head)
+        for _, v in items:
+            if v.numel():
+                data = memoryview(v.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+                f.write(data)
+                digest.update(data)
+
+    _atomic(path, write)
+    return digest.hexdigest()
+
+
+DTYPE_NAMES = {  # torch dtype (by name: this module imports without torch) -> safetensors
+    "torch.bool": "BOOL",
+    "torch.uint8": "U8",
+    "torch.int8": "I8",
+    "torch.int16": "I16",
+    "torch.float16": "F16",
+    "torch.bfloat16": "BF16",
+    "torch.int32": "I32",
+    "torch.float32": "F32",
+    "torch.int64": "I64",
+    "torch.float64": "F64",
+}
+
+
+def safetensors_header(entries: list[tuple[str, str, list[int], int]], metadata: dict) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file whose tensors ``(name,
+    dtype, shape, bytes)`` follow back to back in that order (the format's rules: offsets
+    relative to the end of the header, the header padded with spaces to a multiple of 8)."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    at = 0
+    for name, dtype, shape, size in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + size]}
+        at += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+class LazyTensors(Mapping):
+    """The tensors of a safetensors file as a read-only mapping, each read from disk when
+    it is asked for (a state loaded from it tensor by tensor never holds two copies)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        header = read_safetensors_header(self.path)
+        self._keys = [k for k in header if k != "__metadata__"]
+
+    def __getitem__(self, key: str):
+        if key not in self._keys:
+            raise KeyError(key)
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def file_sha256(path: Path) -> str:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from torch import nn
 from da3.backbones.base import Preprocess
 from da3.errors import Da3Error
 from da3.feature_cache import CACHE_DTYPES, FeatureCache
-from da3.io import read_json, read_tensors, write_json, write_tensors
+from da3.io import LazyTensors, read_json, read_tensors, write_json, write_tensors
 from da3.memory import optimizer_state_bytes, process_memory_bytes
 from da3.methods.base import AdaptedModel, GateUsage, MethodConfig
 from da3.optim import AdamW, LambdaSchedule
@@ -284,7 +284,7 @@ class FitResult:
     history: list[dict]
     best_epoch: int
     best_val_accuracy: float
-    best_state: dict[str, torch.Tensor]
+    best_state: Mapping[str, torch.Tensor]  # a dict, or the best epoch's file (LazyTensors)
     seconds: float
     resumed_from: int | None = None
     cache_bytes: int = 0  # cached features of the train and validation images
@@ -415,11 +415,14 @@ def fit(
         )
         _load_optimizer(optimizer, tensors, meta["optimizer"])
         scheduler.load_state_dict(meta["scheduler"])
+        held = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")}
         best = {
             "epoch": meta["best_epoch"],
             "accuracy": meta["best_val_accuracy"],
-            "state": {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")},
+            # a checkpoint names its best epoch's file; one from before held the tensors
+            "state": LazyTensors(run_dir / meta["best_file"]) if meta.get("best_file") else held,
         }
+        del tensors, held
         history, start_epoch = meta["history"], meta["epoch"] + 1
         elapsed, resumed_from = meta["seconds"], meta["epoch"]
 
@@ -512,17 +515,24 @@ def fit(
             echo(line)
         elif progress:
             bar.write(line)
+        previous = best["state"]
         if val["accuracy"] > best["accuracy"]:
-            best = {
-                "epoch": epoch + 1,
-                "accuracy": val["accuracy"],
-                "state": {k: v.detach().clone() for k, v in model.domain_state().items()},
-            }
+            # With a run folder the best epoch's state waits on disk, not in memory (for a
+            # fine-tuned network it is a copy of every weight); without, a copy is kept.
+            if run_dir is not None:
+                best_file = run_dir / f"best-epoch{epoch + 1}.safetensors"
+                write_tensors(best_file, model.domain_state())
+                state = LazyTensors(best_file)
+            else:
+                state = {k: v.detach().clone() for k, v in model.domain_state().items()}
+            best = {"epoch": epoch + 1, "accuracy": val["accuracy"], "state": state}
         if run_dir is not None:
             opt_tensors, opt_meta = _optimizer_tensors(optimizer)
             tensors = {f"model.{k}": v for k, v in model.training_state().items()}
-            tensors |= {f"best.{k}": v for k, v in best["state"].items()} | opt_tensors
+            held = best["state"] if isinstance(best["state"], dict) else {}  # an old run's
+            tensors |= {f"best.{k}": v for k, v in held.items()} | opt_tensors
             write_tensors(ckpt_t, tensors)
+            del tensors, opt_tensors
             write_json(
                 ckpt_j,
                 {
@@ -531,11 +541,17 @@ def fit(
                     "history": history,
                     "best_epoch": best["epoch"],
                     "best_val_accuracy": best["accuracy"],
+                    "best_file": best["state"].path.name
+                    if isinstance(best["state"], LazyTensors)
+                    else None,
                     "optimizer": opt_meta,
                     "scheduler": scheduler.state_dict(),
                     "seconds": elapsed,
                 },
             )
+            # the checkpoint names the new best file now: the one it replaced can go
+            if isinstance(previous, LazyTensors) and previous is not best["state"]:
+                previous.path.unlink(missing_ok=True)
     cache_bytes = sum(c.nbytes for c in (train_cache, val_cache) if c is not None)
     return FitResult(
         history,

@@ -45,6 +45,7 @@ from da3.data.cache_index import (  # noqa: F401 - part of this module's interfa
 )
 from da3.data.domain import SPLIT_NAMES, DomainData, Split
 from da3.errors import Da3Error
+from da3.io import safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -300,26 +301,17 @@ def write_entry(
     shape = (3, image_size, image_size)
     per_image = int(np.prod(shape))
     labels = {s: torch.as_tensor(splits[s][0], dtype=torch.int64).contiguous() for s in SPLIT_NAMES}
-    header: dict[str, Any] = {"__metadata__": {"build_id": build_id}}
-    at = 0
-    for s in SPLIT_NAMES:  # labels first: 8-byte aligned whatever the image size
-        n = len(labels[s])
-        header[f"{s}_labels"] = {"dtype": "I64", "shape": [n], "data_offsets": [at, at + 8 * n]}
-        at += 8 * n
-    for s in SPLIT_NAMES:
-        size = len(labels[s]) * per_image
-        header[f"{s}_images"] = {
-            "dtype": "U8",
-            "shape": [len(labels[s]), *shape],
-            "data_offsets": [at, at + size],
-        }
-        at += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the format's padding: data starts 8-byte aligned
+    n = {s: len(labels[s]) for s in SPLIT_NAMES}
+    head = safetensors_header(
+        # labels first: 8-byte aligned whatever the image size
+        [(f"{s}_labels", "I64", [n[s]], 8 * n[s]) for s in SPLIT_NAMES]
+        + [(f"{s}_images", "U8", [n[s], *shape], n[s] * per_image) for s in SPLIT_NAMES],
+        {"build_id": build_id},
+    )
 
     def write_tensors(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(text)) + text)
+            f.write(head)
             for s in SPLIT_NAMES:
                 f.write(labels[s].numpy().tobytes())
             for s in SPLIT_NAMES:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import ClassVar
@@ -265,7 +265,9 @@ class AdaptedModel(nn.Module):
         }
 
     @torch.no_grad()
-    def load_domain_state(self, state: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
+    def load_domain_state(
+        self, state: Mapping[str, torch.Tensor], strict: bool = True
+    ) -> list[str]:
         """Copy ``state`` into this domain's tensors. ``strict=False`` copies the keys both
         have (a warm start, e.g. adding gates to a trained adaptor) and returns the keys of
         this model that were left as they were."""
@@ -279,13 +281,12 @@ class AdaptedModel(nn.Module):
         for k, t in own.items():
             if k not in state:
                 continue
-            if t.shape != state[k].shape:
-                raise Da3Error(
-                    f"domain state {k}: shape {tuple(state[k].shape)} != {tuple(t.shape)}"
-                )
-            if t.dtype != state[k].dtype:  # copy_ would convert it silently
-                raise Da3Error(f"domain state {k}: dtype {state[k].dtype} != {t.dtype}")
-            t.copy_(state[k])
+            value = state[k]  # once: ``state`` may read it from a file (da3.io.LazyTensors)
+            if t.shape != value.shape:
+                raise Da3Error(f"domain state {k}: shape {tuple(value.shape)} != {tuple(t.shape)}")
+            if t.dtype != value.dtype:  # copy_ would convert it silently
+                raise Da3Error(f"domain state {k}: dtype {value.dtype} != {t.dtype}")
+            t.copy_(value)
         return missing
 
     def training_state(self) -> dict[str, torch.Tensor]:
