@@ -39,7 +39,7 @@ from da3.export import (
     read_sidecar,
 )
 from da3.export.bench import format_bench, gate_statistics
-from da3.export.core import SUFFIX, gated_blocks
+from da3.export.core import SUFFIX
 from da3.methods import AdaptedModel, FrozenBackbone, build_model, list_methods, make_config
 from da3.methods.base import new_head
 
@@ -274,7 +274,7 @@ def gated_da3(frozen: FrozenBackbone, decisions: list[bool | None], x: torch.Ten
     torch.manual_seed(0)
     config = make_config("da3", {"gates": True})
     model = trained_like(build_model("da3", frozen, len(CLASSES), config))
-    blocks = gated_blocks(model)
+    blocks = model.gated_blocks()
     assert len(blocks) == len(decisions)
     with torch.no_grad():
         for block, d in zip(blocks, decisions, strict=True):
@@ -297,7 +297,7 @@ def gated_da3(frozen: FrozenBackbone, decisions: list[bool | None], x: torch.Ten
 def decisions_of(model: AdaptedModel, x: torch.Tensor) -> list[list[bool]]:
     with torch.no_grad():
         model(x)
-    return [(b.last_gate > 0.5).tolist() for b in gated_blocks(model)]
+    return [(b.last_gate > 0.5).tolist() for b in model.gated_blocks()]
 
 
 def executed_onnx_nodes(path: Path, x: torch.Tensor, tmp_path: Path) -> list[tuple[str, str]]:
@@ -401,7 +401,7 @@ def test_efficientnet_lite0_da3_with_gates(tmp_path):
     torch.manual_seed(0)
     config = make_config("da3", {"gates": True})
     model = trained_like(build_model("da3", frozen, len(CLASSES), config))
-    blocks = gated_blocks(model)
+    blocks = model.gated_blocks()
     with torch.no_grad():
         blocks[0].gate.weight.zero_()
         blocks[0].gate.bias.fill_(-10.0)  # one closed gate, the others as trained
@@ -587,7 +587,7 @@ def test_gate_statistics_count_skipped_branches_and_flops(frozen):
     assert opened["flops_per_image_gated"] == opened["flops_per_image_all"]
     assert closed["flops_per_image_all"] == opened["flops_per_image_all"]
     # A basic block's branch: two 3x3 convolutions at the block's resolution.
-    block = gated_blocks(model)[0]
+    block = model.gated_blocks()[0]
     seen = []
     h = block.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     with torch.no_grad():

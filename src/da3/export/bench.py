@@ -16,7 +16,7 @@ from da3.export.core import (
     FORMATS,
     SUFFIX,
     export_model,
-    gated_blocks,
+    gated_block_count,
     inference_module,
     open_runner,
     runtime_version,
@@ -31,21 +31,22 @@ def gate_statistics(model: AdaptedModel, samples: torch.Tensor) -> dict:
     """Over ``samples`` one at a time: the fraction of gated branches that ran and the FLOPs
     per image executed with the gates and without them (every branch computed)."""
     model.eval()
-    blocks = gated_blocks(model)
-    opened, flops = 0, 0
+    usage = model.count_gates()  # counts the branches the gates run, image by image
+    flops = 0
     for i in range(len(samples)):
         counter = FlopCounterMode(display=False)
         with counter:
             model(samples[i : i + 1])
         flops += counter.get_total_flops()
-        opened += sum(int(b.last_gate.item() > 0.5) for b in blocks)
+    counted = usage.stop() if usage is not None else None
+    blocks = len(usage.shares) if usage is not None else 0
     static = inference_module(model, "onnx", "static", samples[:2]) if blocks else model
     counter = FlopCounterMode(display=False)
     with counter:
         static(samples[:1])
     return {
-        "gated_blocks": len(blocks),
-        "branches_run": opened / max(1, len(blocks) * len(samples)) if blocks else 1.0,
+        "gated_blocks": blocks,
+        "branches_run": counted["gate_branches_run"] if counted else 1.0,
         "flops_per_image_gated": flops / len(samples),
         "flops_per_image_all": counter.get_total_flops(),
     }
@@ -71,7 +72,7 @@ def bench_infer(
     torch.set_num_threads(threads)
     try:
         model.eval()
-        modes = ["dynamic", "static"] if gated_blocks(model) else ["none"]
+        modes = ["dynamic", "static"] if gated_block_count(model) else ["none"]
         variants: list[tuple[str, str, Callable, int]] = []
         for mode in modes:
             eager = model

@@ -138,7 +138,7 @@ def run_export(args) -> int:
     import time
 
     from da3.domains import DomainStore
-    from da3.export.core import SUFFIX, check_format, export_model, gated_blocks
+    from da3.export.core import SUFFIX, check_format, export_model, gated_block_count
 
     fmt = check_format(args.format.lower())  # ONNX, onnx
     DomainStore(args.store).require(args.domain)
@@ -164,7 +164,7 @@ def run_export(args) -> int:
 
     step(f"loading domain {args.domain!r} and sample images")
     model, d, metadata, samples = load_for_export(args.store, args.domain, args.samples, warn)
-    gates = _gate_mode(args.gates, bool(gated_blocks(d.model)), args.domain)
+    gates = _gate_mode(args.gates, bool(gated_block_count(d.model)), args.domain)
     out = args.out
     if out is None:
         tag = ".static" if args.gates == "off" else ""

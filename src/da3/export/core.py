@@ -46,7 +46,7 @@ from da3.backbones import Backbone
 from da3.errors import Da3Error
 from da3.io import read_json, write_json
 from da3.methods import AdaptedModel
-from da3.methods.da3 import DA3Block
+from da3.methods.base import ExportContext
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -66,75 +66,17 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
-def gated_blocks(model: nn.Module) -> list[DA3Block]:
-    return [m for m in model.modules() if isinstance(m, DA3Block) and m.gate is not None]
+def gated_block_count(model: AdaptedModel) -> int:
+    """How many dynamic gates ``model`` has (its :meth:`~AdaptedModel.count_gates`)."""
+    usage = model.count_gates()
+    if usage is None:
+        return 0
+    usage.stop()
+    return len(usage.shares)
 
 
 # ---------------------------------------------------------------------------------------
 # the inference graph
-
-
-class _Side(nn.Module):
-    """A gated block's adaptor output and hard gate decision (1 open, 0 closed) per sample."""
-
-    def __init__(self, block: DA3Block) -> None:
-        super().__init__()
-        self.block = block  # only its adaptor and gate run here
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a, g = self.block.side(x)
-        return a, (g > 0.5).to(x.dtype).view(-1, 1, 1, 1)
-
-
-class _StaticGatedBlock(nn.Module):
-    """``act(F(x) * open + x + A)``: the frozen branch always runs."""
-
-    def __init__(self, block: DA3Block) -> None:
-        super().__init__()
-        self.side, self.branch, self.act = _Side(block), block.block.branch, block.block.act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, open_ = self.side(x)
-        # The order of PyTorch's sums ((F + shortcut) + A), so that the logits agree closely.
-        y = self.branch(x) * open_ + x
-        return self.act(y + a)
-
-
-class _CondGatedBlock(nn.Module):
-    """The same with ``torch.cond``: an ONNX ``If`` whose true branch is the frozen branch."""
-
-    def __init__(self, block: DA3Block, out_chw: tuple[int, int, int]) -> None:
-        super().__init__()
-        self.side, self.branch, self.act = _Side(block), block.block.branch, block.block.act
-        self.out_chw = out_chw
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, open_ = self.side(x)
-        y = torch.cond(open_.sum() > 0, self._run, self._skip, (x, open_))
-        return self.act(y + x + a)
-
-    def _run(self, x: torch.Tensor, open_: torch.Tensor) -> torch.Tensor:
-        return self.branch(x) * open_
-
-    def _skip(self, x: torch.Tensor, open_: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros((x.shape[0], *self.out_chw))
-
-
-class _ScriptGatedBlock(nn.Module):
-    """The same for TorchScript: scripted control flow around traced pieces."""
-
-    def __init__(self, side: nn.Module, branch: nn.Module, act: nn.Module, out_chw: list[int]):
-        super().__init__()
-        self.side, self.branch, self.act = side, branch, act
-        self.out_chw = out_chw
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, open_ = self.side(x)
-        if bool(open_.sum() > 0):
-            y = self.branch(x) * open_
-        else:
-            y = x.new_zeros([x.shape[0]] + self.out_chw)
-        return self.act(y + x + a)
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -172,16 +114,12 @@ def inference_module(model: AdaptedModel, fmt: str, gates: str, example: torch.T
     }
     m = copy.deepcopy(model, memo).eval().requires_grad_(False)
     _lean_backbones(m)
-    # A method's module may offer an equivalent inference form (e.g. an adapter folded into
-    # the convolution it sits beside): ``fold_for_export() -> nn.Module``.
-    for name, sub in list(m.named_modules()):
-        fold = getattr(sub, "fold_for_export", None)
-        if name and callable(fold):
-            _set_module(m, name, fold())
-    names = [n for n, b in m.named_modules() if isinstance(b, DA3Block) and b.gate is not None]
+    # A method's module may have an inference form of its own (DA3's gated blocks, which
+    # skip their branch): ``export_form(ExportContext) -> nn.Module`` replaces it.
+    names = [n for n, sub in m.named_modules() if n and callable(getattr(sub, "export_form", None))]
     if not names:
         return m
-    inputs: dict[str, torch.Tensor] = {}  # each gated block's input, for its shapes
+    inputs: dict[str, torch.Tensor] = {}  # each such module's input, for its shapes
     hooks = [
         m.get_submodule(name).register_forward_pre_hook(
             lambda mod, args, name=name: inputs.__setitem__(name, args[0])
@@ -193,28 +131,11 @@ def inference_module(model: AdaptedModel, fmt: str, gates: str, example: torch.T
     finally:
         for h in hooks:
             h.remove()
-    for name in names:
-        block: DA3Block = m.get_submodule(name)
-        if block.block.shortcut_kind != "identity":  # da3 gates no other block
-            raise Da3Error(f"gated block {name}: {block.block.shortcut_kind} shortcut")
-        x = inputs[name]
-        out_chw = tuple(block.block.branch(x).shape[1:])
-        if gates == "static":
-            new = _StaticGatedBlock(block)
-        elif fmt == "onnx":
-            new = _CondGatedBlock(block, out_chw)
-        else:
-            new = _script_gated(block, x, list(out_chw))
-        _set_module(m, name, new)
+    with _quiet():  # tracing (TorchScript forms) warns
+        for name in reversed(names):  # the innermost first: an outer form takes them in
+            form = m.get_submodule(name).export_form(ExportContext(fmt, gates, inputs[name]))
+            _set_module(m, name, form)
     return m
-
-
-def _script_gated(block: DA3Block, x: torch.Tensor, out_chw: list[int]) -> nn.Module:
-    with _quiet():
-        side = torch.jit.trace(_Side(block), x, check_trace=False)
-        branch = torch.jit.trace(block.block.branch, x, check_trace=False)
-        act = torch.jit.trace(block.block.act, branch(x), check_trace=False)
-        return torch.jit.script(_ScriptGatedBlock(side, branch, act, out_chw))
 
 
 # ---------------------------------------------------------------------------------------
@@ -495,10 +416,11 @@ def export_model(
         raise Da3Error("export: verification needs at least 2 sample images")
     t0 = time.perf_counter()
     model.eval()
-    has_gates = bool(gated_blocks(model))
+    gated = gated_block_count(model)
+    has_gates = bool(gated)
     mode = gates if has_gates else "none"
     metadata = dict(metadata, gates=mode, export_format=fmt)
-    metadata["gated_blocks"] = len(gated_blocks(model))
+    metadata["gated_blocks"] = gated
     example = samples[:2]
     try:
         say("building the inference graph" + (f" ({mode} gates)" if has_gates else ""))

@@ -49,8 +49,14 @@ from torch import nn
 
 from da3.backbones.base import Block, same_padding
 from da3.lean import LeanConv2d, share_clone
-from da3.methods.base import AdaptedModel, FrozenBackbone, MethodConfig, new_head, register_method
-from da3.methods.finetune import _Features
+from da3.methods.base import (
+    AdaptedModel,
+    BackboneFeatures,
+    FrozenBackbone,
+    MethodConfig,
+    new_head,
+    register_method,
+)
 
 
 @dataclass
@@ -194,7 +200,7 @@ def _build(frozen: FrozenBackbone, num_classes: int, kind: str, method: str) -> 
     backbone = share_clone(frozen.lean)
     attach_adapters(backbone, kind)
     return AdaptedModel(
-        _Features(backbone), new_head(frozen.feature_dim, num_classes), frozen, method
+        BackboneFeatures(backbone), new_head(frozen.feature_dim, num_classes), frozen, method
     )
 
 

@@ -299,6 +299,31 @@ class AdaptedModel(nn.Module):
         self.load_domain_state(state)
 
 
+@dataclass(frozen=True)
+class ExportContext:
+    """What a module's ``export_form(ctx) -> nn.Module`` is told when a domain is exported
+    (:func:`da3.export.core.inference_module` replaces every module that has one by what it
+    returns): the format (``onnx``, ``torchscript``), the gate mode (``static``: every
+    branch computed; ``dynamic``: skipped where a gate closes) and this module's input in an
+    example forward pass (its shapes)."""
+
+    fmt: str
+    gates: str
+    example: torch.Tensor
+
+
+class BackboneFeatures(nn.Module):
+    """The pooled features of a (cloned, adapted) backbone: what most methods put under
+    their head (``AdaptedModel.features``)."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
+
+
 def new_head(feature_dim: int, num_classes: int) -> nn.Linear:
     return nn.Linear(feature_dim, num_classes)
 
@@ -356,6 +381,8 @@ def register_method(
     memory-lean engine) or ``"stock"``; a run of the method alone holds only that one."""
 
     def deco(fn):
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} is registered already ({_METHODS[name].build})")
         _METHODS[name] = MethodEntry(name, config_class, fn, summary, frozen_form)
         return fn
 

@@ -13,8 +13,14 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from da3.lean import LeanConv2d, share_clone
-from da3.methods.base import AdaptedModel, FrozenBackbone, MethodConfig, new_head, register_method
-from da3.methods.finetune import _Features
+from da3.methods.base import (
+    AdaptedModel,
+    BackboneFeatures,
+    FrozenBackbone,
+    MethodConfig,
+    new_head,
+    register_method,
+)
 
 
 @dataclass
@@ -34,5 +40,5 @@ def train_biases(backbone: nn.Module) -> nn.Module:
 def build(frozen: FrozenBackbone, num_classes: int, config: BiasConfig) -> AdaptedModel:
     backbone = train_biases(share_clone(frozen.lean))
     return AdaptedModel(
-        _Features(backbone), new_head(frozen.feature_dim, num_classes), frozen, "bias"
+        BackboneFeatures(backbone), new_head(frozen.feature_dim, num_classes), frozen, "bias"
     )

@@ -36,13 +36,14 @@ from da3.errors import Da3Error
 from da3.lean import lean_adaptive_avg_pool2d, share_clone
 from da3.methods.base import (
     AdaptedModel,
+    BackboneFeatures,
+    ExportContext,
     FrozenBackbone,
     GateUsage,
     MethodConfig,
     new_head,
     register_method,
 )
-from da3.methods.finetune import _Features
 
 
 @dataclass
@@ -254,6 +255,21 @@ class DA3Block(nn.Module):
             out[idx] = self.block.branch(x[idx])
         return out
 
+    def export_form(self, ctx: ExportContext) -> nn.Module:
+        """This block in an exported model (see :mod:`da3.export`): as it is without a gate;
+        with one, the branch computed and multiplied by the hard gate (``static``) or run
+        only when the gate opens (``dynamic``: an ONNX ``If`` / scripted control flow)."""
+        if self.gate is None:
+            return self
+        if self.block.shortcut_kind != "identity":  # da3 gates no other block
+            raise Da3Error(f"gated block: {self.block.shortcut_kind} shortcut")
+        out_chw = tuple(self.block.branch(ctx.example).shape[1:])
+        if ctx.gates == "static":
+            return _StaticGatedBlock(self)
+        if ctx.fmt == "onnx":
+            return _CondGatedBlock(self, out_chw)
+        return _script_gated(self, ctx.example, list(out_chw))
+
 
 class DA3Model(AdaptedModel):
     """Adds the FLOP-budget loss of the gates to the training loss."""
@@ -331,6 +347,86 @@ def build(frozen: FrozenBackbone, num_classes: int, config: DA3Config) -> DA3Mod
         wrapped = DA3Block(backbone.blocks[i], config, gated=config.gates and i in gated)
         wrapped.branch_flops = fractions.get(i, 0.0)
         backbone.blocks[i] = wrapped
-    model = DA3Model(_Features(backbone), new_head(frozen.feature_dim, num_classes), frozen, "da3")
+    model = DA3Model(
+        BackboneFeatures(backbone), new_head(frozen.feature_dim, num_classes), frozen, "da3"
+    )
     model.config = config
     return model
+
+
+# ---------------------------------------------------------------------------------------
+# the export forms of a gated block (DA3Block.export_form)
+
+
+class _Side(nn.Module):
+    """A gated block's adaptor output and hard gate decision (1 open, 0 closed) per sample."""
+
+    def __init__(self, block: DA3Block) -> None:
+        super().__init__()
+        self.block = block  # only its adaptor and gate run here
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, g = self.block.side(x)
+        return a, (g > 0.5).to(x.dtype).view(-1, 1, 1, 1)
+
+
+class _StaticGatedBlock(nn.Module):
+    """``act(F(x) * open + x + A)``: the frozen branch always runs."""
+
+    def __init__(self, block: DA3Block) -> None:
+        super().__init__()
+        self.side, self.branch, self.act = _Side(block), block.block.branch, block.block.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, open_ = self.side(x)
+        # The order of PyTorch's sums ((F + shortcut) + A), so that the logits agree closely.
+        y = self.branch(x) * open_ + x
+        return self.act(y + a)
+
+
+class _CondGatedBlock(nn.Module):
+    """The same with ``torch.cond``: an ONNX ``If`` whose true branch is the frozen branch."""
+
+    def __init__(self, block: DA3Block, out_chw: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.side, self.branch, self.act = _Side(block), block.block.branch, block.block.act
+        self.out_chw = out_chw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, open_ = self.side(x)
+        y = torch.cond(open_.sum() > 0, self._run, self._skip, (x, open_))
+        return self.act(y + x + a)
+
+    def _run(self, x: torch.Tensor, open_: torch.Tensor) -> torch.Tensor:
+        return self.branch(x) * open_
+
+    def _skip(self, x: torch.Tensor, open_: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros((x.shape[0], *self.out_chw))
+
+
+class _ScriptGatedBlock(nn.Module):
+    """The same for TorchScript: scripted control flow around traced pieces."""
+
+    def __init__(self, side: nn.Module, branch: nn.Module, act: nn.Module, out_chw: list[int]):
+        super().__init__()
+        self.side, self.branch, self.act = side, branch, act
+        self.out_chw = out_chw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, open_ = self.side(x)
+        if bool(open_.sum() > 0):
+            y = self.branch(x) * open_
+        else:
+            y = x.new_zeros([x.shape[0]] + self.out_chw)
+        return self.act(y + x + a)
+
+
+def _script_gated(block: DA3Block, x: torch.Tensor, out_chw: list[int]) -> nn.Module:
+    # (the exporter calls export_form with torch's warnings and progress lines silenced)
+    side = torch.jit.trace(_Side(block), x, check_trace=False)
+    branch = torch.jit.trace(block.block.branch, x, check_trace=False)
+    act = torch.jit.trace(block.block.act, branch(x), check_trace=False)
+    return torch.jit.script(_ScriptGatedBlock(side, branch, act, out_chw))
+
+
+#

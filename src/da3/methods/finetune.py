@@ -6,7 +6,14 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from da3.methods.base import AdaptedModel, FrozenBackbone, MethodConfig, new_head, register_method
+from da3.methods.base import (
+    AdaptedModel,
+    BackboneFeatures,
+    FrozenBackbone,
+    MethodConfig,
+    new_head,
+    register_method,
+)
 
 
 @dataclass
@@ -17,15 +24,6 @@ class FinetuneConfig(MethodConfig):
     head_lr: float = field(default=3e-3, metadata={"help": "learning rate of the new head"})
 
 
-class _Features(nn.Module):
-    def __init__(self, backbone: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, x):
-        return self.backbone.forward_features(x)
-
-
 @register_method(
     "finetune", FinetuneConfig, "all weights train (stock modules)", frozen_form="stock"
 )
@@ -33,5 +31,5 @@ def build(frozen: FrozenBackbone, num_classes: int, config: FinetuneConfig) -> A
     backbone = frozen.trainable_copy().requires_grad_(True)
     backbone.classifier = nn.Identity()  # the ImageNet head is not used
     return AdaptedModel(
-        _Features(backbone), new_head(frozen.feature_dim, num_classes), frozen, "finetune"
+        BackboneFeatures(backbone), new_head(frozen.feature_dim, num_classes), frozen, "finetune"
     )

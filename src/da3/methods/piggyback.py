@@ -42,8 +42,14 @@ from torch.autograd import Function
 from da3.backbones.base import same_padding
 from da3.errors import Da3Error
 from da3.lean import LeanConv2d, pack_bits, share_clone, unpack_bits
-from da3.methods.base import AdaptedModel, FrozenBackbone, MethodConfig, new_head, register_method
-from da3.methods.finetune import _Features
+from da3.methods.base import (
+    AdaptedModel,
+    BackboneFeatures,
+    FrozenBackbone,
+    MethodConfig,
+    new_head,
+    register_method,
+)
 
 
 @dataclass
@@ -266,5 +272,5 @@ def build(frozen: FrozenBackbone, num_classes: int, config: PiggybackConfig) -> 
     for part in (backbone.stem, backbone.blocks, backbone.neck):
         mask_convolutions(part, config)
     return PiggybackModel(
-        _Features(backbone), new_head(frozen.feature_dim, num_classes), frozen, "piggyback"
+        BackboneFeatures(backbone), new_head(frozen.feature_dim, num_classes), frozen, "piggyback"
     )

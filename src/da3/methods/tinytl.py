@@ -22,9 +22,15 @@ from torch import nn
 
 from da3.backbones.base import Block
 from da3.lean import lean_avg_pool2d, share_clone
-from da3.methods.base import AdaptedModel, FrozenBackbone, MethodConfig, new_head, register_method
+from da3.methods.base import (
+    AdaptedModel,
+    BackboneFeatures,
+    FrozenBackbone,
+    MethodConfig,
+    new_head,
+    register_method,
+)
 from da3.methods.bias import train_biases
-from da3.methods.finetune import _Features
 
 
 @dataclass
@@ -81,5 +87,5 @@ def build(frozen: FrozenBackbone, num_classes: int, config: TinyTLConfig) -> Ada
     for i, block in backbone.iter_blocks():
         backbone.blocks[i] = LiteResidualBlock(block, config)
     return AdaptedModel(
-        _Features(backbone), new_head(frozen.feature_dim, num_classes), frozen, "tinytl"
+        BackboneFeatures(backbone), new_head(frozen.feature_dim, num_classes), frozen, "tinytl"
     )
