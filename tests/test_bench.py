@@ -96,15 +96,15 @@ def test_bench_writes_raw_results(bench):
 
 
 def test_bench_states_record_image_size_and_data(bench):
-    # a trained state records what it was trained on, as a domain file does (issue #21)
-    from da3.io import read_safetensors_header
+    # a kept run is a domain of the states store: it records what it was trained on
+    from da3.store import DomainStore
 
     _, domains, results, _ = bench
-    states = sorted((results / ".states").glob("*.safetensors"))
-    assert states
-    for path in states:
-        meta = read_safetensors_header(path)["__metadata__"]
-        assert meta["image_size"] == "32" and meta["data"] in domains and meta["method"] == "da3"
+    store = DomainStore(results / ".states")
+    assert store.names()
+    for name in store.names():
+        meta = store.read_meta(name)
+        assert meta["image_size"] == 32 and meta["source"] in domains and meta["method"] == "da3"
 
 
 def test_bench_report_has_the_tables_and_keeps_the_discussion(bench):
@@ -127,7 +127,7 @@ def test_bench_resumes_without_redoing_anything(bench, monkeypatch):
     monkeypatch.setattr(bench_run, "train_one", fail)
     monkeypatch.setattr("da3.bench.accuracy.train_one", fail)
     monkeypatch.setattr("da3.profile.profile_methods", fail)
-    monkeypatch.setattr("da3.bench.gating.fit_domain", fail)
+    monkeypatch.setattr("da3.bench.gating.train_one", fail)
     before = (results / "bench_quick_accuracy.json").read_bytes()
     bench_run.run_bench(
         "quick", TINY, methods=["linear", "da3"], domains=domains, results=results, report=report
@@ -208,8 +208,8 @@ def test_bench_redoes_a_record_whose_method_config_changed(bench, monkeypatch, t
         def domain_state(self):
             return {"w": torch.zeros(1)}
 
-    def fake(frozen, method, overrides, data, protocol, **kw):
-        calls.append((method, data.name))
+    def fake(frozen, method, overrides, domain, protocol, **kw):
+        calls.append((method, Path(domain).name))
         return {"test_accuracy": 1.0, "train_seconds": 0.0}, Trained()
 
     monkeypatch.setattr("da3.bench.accuracy.train_one", fake)
@@ -243,11 +243,11 @@ def test_bench_gating_follows_da3_config(bench, monkeypatch, tmp_path):
     path.write_text(json.dumps(gating))
     seen = []
 
-    def fake_fit(model, data, pre, config, tc, **kw):
-        seen.append(config)
+    def fake_train(frozen, method, overrides, domain, protocol, **kw):
+        seen.append(make_config(method, overrides))
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr("da3.bench.gating.fit_domain", fake_fit)
+    monkeypatch.setattr("da3.bench.gating.train_one", fake_train)
     kw = dict(methods=["da3"], domains=domains, stages=("gating",), results=copy_dir)
     with pytest.raises(RuntimeError, match="stop here"):
         bench_run.run_bench("quick", TINY, report=report, **kw)
@@ -417,7 +417,7 @@ def test_bench_gating_keeps_results_from_before_a_new_setting(bench, monkeypatch
     def no_fit(*a, **k):
         raise AssertionError("retrained")
 
-    monkeypatch.setattr("da3.bench.gating.fit_domain", no_fit)
+    monkeypatch.setattr("da3.bench.gating.train_one", no_fit)
     monkeypatch.setattr("da3.bench.accuracy.train_one", no_fit)
     kw = dict(methods=["da3"], domains=domains, results=copy_dir, report=report)
     bench_run.run_bench("quick", TINY, stages=("accuracy", "gating"), **kw)

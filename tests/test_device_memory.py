@@ -204,8 +204,11 @@ def test_micro_batches_give_the_batch_gradient(frozen, method):
     loss3, logits3 = train_step(model, opt, lambda part: x[part], y, micro_batch=3)
     parts = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert whole.keys() == parts.keys() and whole
-    for n in whole:
-        torch.testing.assert_close(parts[n], whole[n], rtol=1e-4, atol=1e-6, msg=n)
+    for n in whole:  # float32 sums in another order: off by rounding, relative to the tensor
+        scale = float(whole[n].abs().max())
+        torch.testing.assert_close(
+            parts[n], whole[n], rtol=1e-4, atol=1e-4 * scale, msg=lambda m, n=n: f"{n}: {m}"
+        )
     torch.testing.assert_close(loss3, loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(logits3, logits, rtol=1e-5, atol=1e-5)
 

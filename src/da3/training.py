@@ -331,12 +331,20 @@ def train_domain(
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
     model=None,
+    checkpoints: bool = True,
+    plot: bool = True,
+    warm_start=None,
 ) -> TrainedDomain:
     """Train domain ``settings.domain`` on ``settings.data`` and save it in ``store`` (a
     :class:`~da3.domains.DomainStore` or its folder). ``model``: a
-    :class:`~da3.domains.MultiDomainModel` to add it to (the demo shares one backbone
-    across domains); by default a new one holding the backbone in the form the method
-    needs. ``echo``: where the run's lines go (default: print, unless ``progress`` is off).
+    :class:`~da3.domains.MultiDomainModel` to add it to (the demo and the benchmark share
+    one backbone across domains; the trained domain is ``model.get(name)`` after); by
+    default a new one holding the backbone in the form the method needs. ``echo``: where
+    the run's lines go (default: print, unless ``progress`` is off). ``checkpoints``: a
+    checkpoint per epoch (for ``resume``; the best epoch's state waits on disk);
+    ``plot``: ``curves.png`` in the run folder. ``warm_start``: a domain state (tensors by
+    name) the new domain starts from where its tensors have the same names (e.g. a trained
+    adaptor and head, before gates are added); the others start as the method makes them.
     """
     from da3.domains import DomainStore, check_name
     from da3.io import write_json
@@ -351,23 +359,26 @@ def train_domain(
     with store.lock(name):
         if store.exists(name) and not (overwrite or resume):
             raise Da3Error(f"domain {name!r} exists in {store.root}; use --overwrite to replace it")
-        checkpoints = store.checkpoint_dir(name, resume=resume)  # this run's own folder
+        # this run's own checkpoint folder (none: nothing to resume from, best state in memory)
+        checkpoints = store.checkpoint_dir(name, resume=resume) if checkpoints else None
         run_dir = store.run_dir(name)
         # Everything the run holds lives in _fit_and_save and is gone when it returns:
         # what comes after (the plot) starts from the runtime, not on top of training.
         record = _fit_and_save(
-            settings, store, run_dir, checkpoints, model, meter, say, resume, progress
+            settings, store, run_dir, checkpoints, model, meter, say, resume, progress, warm_start
         )
-        store.prune_checkpoints(name, keep=checkpoints)  # the other runs' are superseded
+        if checkpoints is not None:
+            store.prune_checkpoints(name, keep=checkpoints)  # the other runs' are superseded
         release_memory()
-        with meter.phase("plot"):
-            plot_curves(
-                record["history"],
-                run_dir / "curves.png",
-                title=f"{name} ({settings.method})",
-                best_epoch=record["metrics"]["best_epoch"],
-                test_accuracy=record["metrics"]["test_accuracy"],
-            )
+        if plot:
+            with meter.phase("plot"):
+                plot_curves(
+                    record["history"],
+                    run_dir / "curves.png",
+                    title=f"{name} ({settings.method})",
+                    best_epoch=record["metrics"]["best_epoch"],
+                    test_accuracy=record["metrics"]["test_accuracy"],
+                )
         memory = {**meter.record(), **record["parts"]}
         plan = record["plan"]
         if plan is not None:
@@ -394,7 +405,7 @@ def train_domain(
 
 
 def _fit_and_save(
-    settings, store, run_dir, checkpoints, model, meter, say, resume, progress
+    settings, store, run_dir, checkpoints, model, meter, say, resume, progress, warm_start
 ) -> dict:
     from da3.backbones import create_backbone
     from da3.data import class_count, load_domain
@@ -421,6 +432,9 @@ def _fit_and_save(
             settings.image_size,
             seed=settings.seed,
         )
+        if warm_start is not None:
+            fresh = domain.model.load_domain_state(warm_start, strict=False)
+            say(f"warm start: {len(fresh)} of the domain's tensors start fresh, the rest given")
         release_memory()  # what loading and converting the weights freed
     if tc.cache_features:
         check_cacheable(domain.model)  # before anything of the run is written

@@ -10,62 +10,94 @@ accuracy is evaluated on the test split.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from da3.backbones import create_backbone
 from da3.bench.common import config_is_current
-from da3.data import load_domain
-from da3.io import read_json, write_tensors
-from da3.methods import FrozenBackbone, build_model, make_config
-from da3.train import TrainConfig, evaluate, fit_domain
+from da3.domains import MultiDomainModel
+from da3.io import read_json
+from da3.methods import FrozenBackbone
+from da3.store import DomainStore
+from da3.training import TrainSettings, train_domain
 
 
 def train_one(
     frozen: FrozenBackbone,
     method: str,
     overrides: dict,
-    data,
+    domain: str,
     protocol: dict,
     *,
     seed: int | None = None,
     device: str = "cpu",
     progress: bool = False,
+    store: Path | None = None,
+    name: str = "run",
+    keep: bool = False,
+    warm_start=None,
 ):
-    """Train ``method`` on one domain under ``protocol``; return (record, trained model)."""
+    """Train ``method`` on ``domain`` (a benchmark name or a folder) under ``protocol``,
+    through the library's one training call (:func:`da3.training.train_domain`) on the
+    shared ``frozen`` backbone; return (record, trained model). The domain is saved in
+    ``store`` as ``name`` when ``keep`` (later stages start from it), else not kept."""
     seed = protocol["seed"] if seed is None else seed
-    config = make_config(method, overrides)
-    tc = TrainConfig(
-        epochs=protocol["epochs"], batch_size=protocol["batch_size"], seed=seed, device=device
+    settings = TrainSettings(
+        domain=name,
+        data=domain,
+        method=method,
+        backbone=protocol["backbone"],
+        weights=protocol["weights"] or "none",
+        image_size=protocol["image_size"],
+        epochs=protocol["epochs"],
+        batch_size=protocol["batch_size"],
+        seed=seed,
+        augment=protocol.get("augment", True),
+        device=device,
+        method_config=dict(overrides),
     )
-    torch.manual_seed(seed)
-    model = build_model(method, frozen, len(data.classes), config).to(device)
-    t0 = time.perf_counter()
-    result = fit_domain(model, data, frozen.preprocess, config, tc, progress=progress)
-    seconds = time.perf_counter() - t0
-    model.load_domain_state(result.best_state)
-    test = evaluate(model, data.test.images, data.test.labels, frozen.preprocess, device=device)
+    with contextlib.ExitStack() as stack:
+        if store is None:
+            store = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="da3-bench-")))
+        shared = MultiDomainModel(frozen, device)
+        t0 = time.perf_counter()
+        result = train_domain(
+            settings,
+            store,
+            model=shared,
+            overwrite=True,
+            progress=progress,
+            echo=lambda line: None,
+            checkpoints=False,
+            plot=False,
+            warm_start=warm_start,
+        )
+        seconds = time.perf_counter() - t0
+        model = shared.get(name).model
+        if not keep:
+            DomainStore(store).delete(name)
     state_bytes = sum(t.numel() * t.element_size() for t in model.domain_state().values())
     return {
-        "test_accuracy": test["accuracy"],
-        "val_accuracy": result.best_val_accuracy,
-        "best_epoch": result.best_epoch,
+        "test_accuracy": result.metrics["test_accuracy"],
+        "val_accuracy": result.metrics["val_accuracy"],
+        "best_epoch": result.metrics["best_epoch"],
         "train_seconds": seconds,
         "trainable_parameters": sum(p.numel() for p in model.trainable_parameters()),
         "domain_state_bytes": state_bytes,
-        "config": dataclasses.asdict(config),
+        "config": settings.method_config,
         "history": result.history,
     }, model
 
 
-def state_path(states: Path, tag: str, method: str, domain: str, seed: int) -> Path:
-    # a folder domain is named by its path; its file is named by the folder's name
-    return states / f"{tag}-{method}-{Path(domain).name}-s{seed}.safetensors"
+def state_name(tag: str, method: str, domain: str, seed: int) -> str:
+    """The name a kept run's domain has in the states store (a folder domain is named by
+    its folder's name)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{tag}-{method}-{Path(domain).name}-s{seed}")[:64]
 
 
 def run_accuracy(
@@ -105,28 +137,23 @@ def run_accuracy(
     if not todo:
         return records
     frozen = FrozenBackbone(create_backbone(protocol["backbone"], protocol["weights"]).to(device))
-    loaded: dict[str, object] = {}
     for i, (d, m, s) in enumerate(todo, 1):
-        if d not in loaded:
-            loaded.clear()  # one domain's images in memory at a time
-            loaded[d] = load_domain(d, protocol["image_size"])
-        data = loaded[d]
         print(f"[{i}/{len(todo)}] {m} on {d}, seed {s} ...", end=" ", flush=True)
         t0 = time.perf_counter()
-        rec, model = train_one(
+        # a kept run is a domain of the states store (it records its image size and data)
+        rec, _ = train_one(
             frozen,
             m,
             protocol["overrides"].get(m, {}),
-            data,
+            d,
             protocol,
             seed=s,
             device=device,
             progress=sys.stderr.isatty(),
+            store=states,
+            name=state_name(tag, m, d, s),
+            keep=m in keep_states,
         )
-        if m in keep_states:
-            # the state records the image size and data it was trained on, as a domain does
-            meta = {"image_size": protocol["image_size"], "data": d, "method": m}
-            write_tensors(state_path(states, tag, m, d, s), model.domain_state(), meta)
         # training + test evaluation + saving: what this record cost (summed in the report)
         rec["wall_seconds"] = round(time.perf_counter() - t0, 1)
         if commit:

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from da3.bench.accuracy import train_one
 from da3.data import load_domain
-from da3.methods import FrozenBackbone, build_model, make_config
-from da3.train import TrainConfig, evaluate, fit_domain
+from da3.methods import FrozenBackbone
 
 
 @torch.no_grad()
@@ -86,35 +86,31 @@ def run_gating(
         ]
         state = model0.domain_state()
         for t in protocol["targets"]:
-            # the head is trained already: no head-only warm-up
-            config = make_config(
-                "da3",
-                {
-                    **protocol.get("overrides", {}).get("da3", {}),
-                    "gates": True,
-                    "gate_target": t,
-                    "head_warmup": 0.0,
-                    "head_warmup_steps": 0,
-                },
-            )
-            torch.manual_seed(protocol["seed"])
-            model = build_model("da3", frozen, len(data.classes), config).to(device)
-            model.load_domain_state(state, strict=False)
-            tc = TrainConfig(
-                epochs=protocol["gate_epochs"],
-                batch_size=protocol["batch_size"],
-                seed=protocol["seed"] + 1,
-                device=device,
-            )
+            # from the ungated domain, gates added; the head is trained already: no warm-up
+            overrides = {
+                **protocol.get("overrides", {}).get("da3", {}),
+                "gates": True,
+                "gate_target": t,
+                "head_warmup": 0.0,
+                "head_warmup_steps": 0,
+            }
+            gate_protocol = {**protocol, "epochs": protocol["gate_epochs"]}
             s0 = time.perf_counter()
-            result = fit_domain(model, data, pre, config, tc, progress=False)
-            model.load_domain_state(result.best_state)
-            acc = evaluate(model, test.images, test.labels, pre, device=device)["accuracy"]
+            rec, model = train_one(
+                frozen,
+                "da3",
+                overrides,
+                d,
+                gate_protocol,
+                seed=protocol["seed"] + 1,  # the gates' own random draws (their init has none)
+                device=device,
+                warm_start=state,
+            )
             rows.append(
                 {
                     "domain": d,
                     "gate_target": t,
-                    "test_accuracy": acc,
+                    "test_accuracy": rec["test_accuracy"],
                     "flops_per_image": executed_flops_per_image(model, test.images, pre),
                     "latency_s": batch1_latency(model, test.images, pre, n),
                     "train_seconds": time.perf_counter() - s0,

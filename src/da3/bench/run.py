@@ -19,7 +19,7 @@ import torch
 from da3.backbones import create_backbone
 from da3.bench import gating as gating_mod
 from da3.bench import process_memory
-from da3.bench.accuracy import run_accuracy, state_path, train_one
+from da3.bench.accuracy import run_accuracy, state_name, train_one
 from da3.bench.common import (
     commits_line,
     config_is_current,
@@ -30,8 +30,9 @@ from da3.bench.common import (
     save,
 )
 from da3.errors import Da3Error
-from da3.io import read_json, read_tensors
+from da3.io import read_json
 from da3.methods import FrozenBackbone, build_model, list_methods, make_config
+from da3.store import DomainStore
 
 STAGES = ("accuracy", "profile", "gating", "memory", "report")
 
@@ -224,18 +225,18 @@ def run_bench(
                 ),
                 None,
             )
-            file = state_path(states, tag, "da3", domain, seed)
+            store, name = DomainStore(states), state_name(tag, "da3", domain, seed)
             if (
                 rec is not None
                 and same_config(rec["config"], da3_config, "da3")
-                and file.is_file()
+                and store.exists(name)
                 and acc.get("protocol") == protocol
             ):
                 config = make_config("da3", da3_overrides)
                 model = build_model("da3", frozen, len(data.classes), config)
-                model.load_domain_state(read_tensors(file))
+                model.load_domain_state(store.read(name)[1])
                 return rec, model.to(device)
-            return train_one(frozen, "da3", da3_overrides, data, protocol, device=device)
+            return train_one(frozen, "da3", da3_overrides, domain, protocol, device=device)
 
         def write(records: list[dict]) -> None:
             _timed(info, "gating", t0)
