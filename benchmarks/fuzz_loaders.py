@@ -26,7 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import header, run_info, save
+from da3.bench.common import header, run_info, save
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 TARGETS = {
@@ -119,7 +121,7 @@ def main() -> None:
         "memory_limit_gib": args.memory_gib,
         "wall_seconds": wall,
     }
-    save(args.out, payload, markdown(info, args, report, failed, wall))
+    save(RESULTS, args.out, payload, markdown(info, args, report, failed, wall))
     sys.exit(0 if proc.returncode == 0 else 1)
 
 

@@ -26,10 +26,12 @@ from pathlib import Path
 
 import torch
 
-from common import header, run_info, save
+from da3.bench.common import header, run_info, save
 from da3.domains import DomainStore
 from da3.export.bench import bench_infer, format_bench
 from da3.export.cli import load_for_export
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 TRAIN = [
     "--data",
@@ -110,7 +112,10 @@ def main() -> None:
     ]
     domain = store.read_meta(args.domain)
     save(
-        args.out, {"info": info, "domain": domain, "result": result}, markdown(info, result, domain)
+        RESULTS,
+        args.out,
+        {"info": info, "domain": domain, "result": result},
+        markdown(info, result, domain),
     )
 
 

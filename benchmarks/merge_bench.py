@@ -10,10 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import RESULTS
 from da3.bench.merge import merge_accuracy
 from da3.bench.report import write_report
 from da3.errors import Da3Error
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> int:

@@ -17,8 +17,10 @@ import argparse
 import statistics
 from pathlib import Path
 
-from common import header, run_info, save
+from da3.bench.common import header, run_info, save
 from da3.io import read_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def compare(records: list[dict], base: str, other: str, domain: str = "") -> list[dict]:
@@ -100,7 +102,7 @@ def main() -> None:
         "configs": configs,
         "rows": rows,
     }
-    save(args.out, payload, markdown(info, source, args.base, args.other, rows, configs))
+    save(RESULTS, args.out, payload, markdown(info, source, args.base, args.other, rows, configs))
 
 
 if __name__ == "__main__":

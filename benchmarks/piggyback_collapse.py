@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from common import RESULTS, header, run_info, save
 from da3.backbones import create_backbone
+from da3.bench.common import header, run_info, save
 from da3.data import load_domain
 from da3.io import read_json
 from da3.methods import FrozenBackbone, build_model, make_config
 from da3.train import augment_batch, make_optimizer
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def trace(
@@ -112,7 +115,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.rewrite:
         old = read_json(RESULTS / "piggyback_collapse.json")
-        save("piggyback_collapse", old, markdown(old["info"], old["args"], old["runs"]))
+        save(RESULTS, "piggyback_collapse", old, markdown(old["info"], old["args"], old["runs"]))
         return
     torch.set_num_threads(args.threads)
     info = run_info(args.device)
@@ -128,7 +131,7 @@ def main() -> None:
     }
     info["stage_seconds"] = {"trace": round(time.perf_counter() - t0, 1)}
     md = markdown(info, vars(args), runs)
-    save("piggyback_collapse", {"info": info, "args": vars(args), "runs": runs}, md)
+    save(RESULTS, "piggyback_collapse", {"info": info, "args": vars(args), "runs": runs}, md)
 
 
 if __name__ == "__main__":

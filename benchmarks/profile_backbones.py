@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
-from common import header, run_info, save
+from da3.bench.common import header, run_info, save
 from da3.profile import format_table, profile_methods
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 DEFAULT_METHODS = "finetune,linear,bias,da3"
 
@@ -51,7 +54,7 @@ def main() -> None:
             "median step time; inference GFLOPs per image; ratios are finetune / method.\n\n"
             f"```\n{table}\n```\n\nWall time of this run: {info['wall_seconds']} s.\n"
         )
-        save(f"profile_{backbone}", {"info": info, "rows": rows}, md)
+        save(RESULTS, f"profile_{backbone}", {"info": info, "rows": rows}, md)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
-from common import RESULTS, header, run_info, save
 from da3.backbones import create_backbone
 from da3.bench.accuracy import train_one
-from da3.bench.common import parse_seeds
-from da3.data import load_domain
+from da3.bench.common import header, parse_seeds, run_info, save
 from da3.io import read_json
 from da3.methods import FrozenBackbone, parse_config
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def parse_run(text: str) -> tuple[str, dict]:
@@ -71,7 +72,8 @@ def main() -> None:
     runs = {r: parse_run(r) for r in args.runs}
     seeds = parse_seeds(args.seeds)
     protocol = {
-        "backbone": "efficientnet_lite0 (imagenet)",
+        "backbone": "efficientnet_lite0",
+        "weights": "imagenet",
         "domain": args.domain,
         "image_size": args.image_size,
         "epochs": args.epochs,
@@ -85,19 +87,19 @@ def main() -> None:
         records = read_json(path)["records"]
     info = run_info()
     frozen = FrozenBackbone(create_backbone("efficientnet_lite0", "imagenet"))
-    data = load_domain(args.domain, args.image_size)
     t0 = time.perf_counter()
     for run, (method, overrides) in runs.items():
         for seed in seeds:
             if any(r["run"] == run and r["seed"] == seed for r in records):
                 continue
-            rec, _ = train_one(frozen, method, overrides, data, protocol, seed=seed)
+            rec, _ = train_one(frozen, method, overrides, args.domain, protocol, seed=seed)
             records.append(
                 {"run": run, "seed": seed, **{k: rec[k] for k in ("test_accuracy", "config")}}
             )
             print(f"{run:40s} seed {seed}: test {rec['test_accuracy']:.4f}", flush=True)
             info["wall_seconds"] = round(time.perf_counter() - t0, 1)
             save(
+                RESULTS,
                 out,
                 {"info": info, "protocol": protocol, "records": records},
                 markdown(info, protocol, list(runs), records),

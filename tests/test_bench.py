@@ -357,16 +357,11 @@ def test_paired_seeds_compares_seed_by_seed():
     """benchmarks/paired_seeds.py: per-seed differences, only over the seeds both ran."""
     import importlib.util
     import statistics
-    import sys
 
     bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(bench_dir))
-    try:
-        spec = importlib.util.spec_from_file_location("paired_seeds", bench_dir / "paired_seeds.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(bench_dir))
+    spec = importlib.util.spec_from_file_location("paired_seeds", bench_dir / "paired_seeds.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # a script imports the library, never a sibling script
 
     def rec(method, seed, acc, domain="d"):
         return {"method": method, "domain": domain, "seed": seed, "test_accuracy": acc}

@@ -123,20 +123,20 @@ def _readme_block(containing: str) -> str:
 
 def test_1_readme_python_example_records_image_size_and_data(env, capsys):
     code = _readme_block("add_domain")
-    assert 'load_domain("digits", image_size=64)' in code
+    assert 'load_domain("photos/flowers", image_size=64)' in code
     # the same code on the toy folder, with random weights and one epoch (fast)
     code = (
-        code.replace('load_domain("digits"', f"load_domain({str(env['data'])!r}")
+        code.replace('load_domain("photos/flowers"', f"load_domain({str(env['data'])!r}")
         .replace('"imagenet"', '"none"')
         .replace("epochs=4", "epochs=1, batch_size=8")
         .replace('DomainStore("da3-store")', f"DomainStore({str(env['store'])!r})")
     )
     exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the README's own example
-    saved = meta(env["store"], "digits")
+    saved = meta(env["store"], "flowers-by-hand")
     assert saved["image_size"] == 64  # the data's size, not add_domain's old default of 96
     assert saved["source"] == str(env["data"])  # so `da3 eval` needs no --data
     capsys.readouterr()
-    assert cli("eval", "--domain", "digits", "--store", env["store"]) == 0
+    assert cli("eval", "--domain", "flowers-by-hand", "--store", env["store"]) == 0
     assert "[test, 12 images]" in capsys.readouterr().out
 
 

@@ -2,7 +2,8 @@
 
 ``import da3`` is light (no torch); the library's entry points load on first use:
 :func:`train_domain` with :class:`TrainSettings` (train one domain end to end),
-:class:`MultiDomainModel` and :class:`DomainStore` (load, switch, predict),
+:func:`open_domain` (a saved domain, ready to predict), :class:`MultiDomainModel` and
+:class:`DomainStore` (load, switch, predict),
 :func:`load_domain` (image domains).
 """
 
@@ -16,6 +17,7 @@ _LAZY = {
     "train_domain": "da3.training",
     "MultiDomainModel": "da3.domains",
     "DomainStore": "da3.domains",
+    "open_domain": "da3.domains",
     "load_domain": "da3.data",
 }
 __all__ = ["__version__", *_LAZY]

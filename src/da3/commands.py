@@ -391,13 +391,10 @@ def _gate_text(record: dict, where: str) -> str:
 # eval / predict / domains
 
 
-def _open(store_dir: str, name: str, device: str = "cpu"):
-    from da3.domains import DomainStore, open_backbone_for
+def _open_domain(store_dir: str, name: str, device: str = "cpu"):
+    from da3.domains import open_domain
 
-    store = DomainStore(store_dir)
-    model = open_backbone_for(store, name, device)
-    model.load(name, store)
-    return model, store
+    return open_domain(store_dir, name, device)
 
 
 def _same_data(given: str, recorded: str) -> bool:
@@ -426,7 +423,7 @@ def run_eval(args) -> int:
     from da3.data import BENCHMARK_DOMAINS, load_domain
     from da3.data.folder import scan
 
-    model, _ = _open(args.store, args.domain, check_device(args.device))
+    model, _ = _open_domain(args.store, args.domain, check_device(args.device))
     d = model.get(args.domain)
     own = args.data is None or _same_data(args.data, d.source)
     source = args.data or d.source
@@ -516,7 +513,7 @@ def run_predict(args) -> int:
         names = ", ".join(p.name for p in passed[:3]) + (", ..." if len(passed) > 3 else "")
         what = "file that is not an image" if len(passed) == 1 else "files that are not images"
         print(f"da3: passed over {len(passed)} {what} ({names})", file=sys.stderr)
-    model, _ = _open(args.store, args.domain)
+    model, _ = _open_domain(args.store, args.domain)
     d = model.get(args.domain)
     k = min(args.top_k, d.num_classes)
     results: list[dict] = []  # for --json

@@ -287,6 +287,16 @@ def data_source(data) -> str:
     return str(Path(data.source).absolute()) if data.source else data.name
 
 
+def open_domain(store, name: str, device: str = "cpu"):
+    """A saved domain, ready to use: (a :class:`MultiDomainModel` on the backbone the domain
+    was trained on, holding the domain ``name``; the :class:`DomainStore`). ``store``: the
+    store or its folder."""
+    store = store if isinstance(store, DomainStore) else DomainStore(store)
+    model = open_backbone_for(store, name, device)
+    model.load(name, store)
+    return model, store
+
+
 def open_backbone_for(store: DomainStore, name: str, device: str = "cpu") -> MultiDomainModel:
     """A model over the backbone that domain ``name`` of ``store`` was trained on."""
     meta = store.read_meta(name)

@@ -55,6 +55,8 @@ def register_backbone(name: str, pretrained_source: str):
     """Register ``fn(weights) -> Backbone`` under ``name``."""
 
     def deco(fn: Callable[[str | None], Backbone]):
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} is registered already ({_REGISTRY[name].build})")
         _REGISTRY[name] = BackboneEntry(name, fn, pretrained_source)
         return fn
 

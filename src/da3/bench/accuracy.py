@@ -41,13 +41,16 @@ def train_one(
     name: str = "run",
     keep: bool = False,
     warm_start=None,
+    extra: dict | None = None,
 ):
     """Train ``method`` on ``domain`` (a benchmark name or a folder) under ``protocol``,
     through the library's one training call (:func:`da3.training.train_domain`) on the
     shared ``frozen`` backbone; return (record, trained model). The domain is saved in
-    ``store`` as ``name`` when ``keep`` (later stages start from it), else not kept."""
+    ``store`` as ``name`` when ``keep`` (later stages start from it), else not kept.
+    ``extra``: other :class:`~da3.training.TrainSettings` values (``cache_features``,
+    ``micro_batch``, ...)."""
     seed = protocol["seed"] if seed is None else seed
-    settings = TrainSettings(
+    values = dict(
         domain=name,
         data=domain,
         method=method,
@@ -61,6 +64,7 @@ def train_one(
         device=device,
         method_config=dict(overrides),
     )
+    settings = TrainSettings(**{**values, **(extra or {})})
     with contextlib.ExitStack() as stack:
         if store is None:
             store = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="da3-bench-")))

@@ -87,12 +87,12 @@ def load_for_export(store_dir: str | Path, name: str, samples: int, warn=None, n
     where the domain's data cannot be loaded here)."""
     import torch
 
-    from da3.commands import _open
+    from da3.domains import open_domain
     from da3.export.core import domain_metadata
 
     if samples < 2:
         raise Da3Error(f"--samples must be at least 2, got {samples}")
-    model, store = _open(str(store_dir), name)
+    model, store = open_domain(store_dir, name)
     d = model.get(name)
     meta = store.read_meta(name)
     metadata = domain_metadata(
