@@ -477,3 +477,17 @@ def test_best_epoch_waits_on_disk(tmp_path, monkeypatch):
     assert files == [f"best-epoch{result.best_epoch}.safetensors"]
     assert read_json(run / "checkpoint.json")["best_file"] == files[0]
     assert set(result.best_state) == set(model.domain_state())
+
+
+def test_a_measured_process_does_not_inherit_the_peak_of_the_one_that_starts_it():
+    """Linux carries the peak of the address space a program is exec'd from into its own
+    ru_maxrss: the memory stage starts each run through a small launcher, so a tiny process
+    started from a large one reports its own peak."""
+    from da3.bench.process_memory import _run
+
+    ballast = torch.ones(256 * 2**20 // 4)  # this process: at least 256 MiB more
+    ballast += 1  # touched, so resident
+    peak, out, _, _ = _run([sys.executable, "-S", "-c", "print('ok')"])
+    assert out.strip() == "ok"
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB: the parent's size leaked in"
+    del ballast

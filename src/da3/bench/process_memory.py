@@ -77,20 +77,41 @@ def make_folder(dest: Path, per_class: int, size: int = 256) -> Path:
 
 def _run(argv: list[str], env: dict | None = None) -> tuple[int, str, str, float]:
     """Run ``argv`` to its end; (peak resident bytes from wait4, stdout, stderr, seconds).
-    Output goes to files, not pipes: the process is reaped by ``os.wait4`` itself, which is
-    what returns its resource usage."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    Output goes to files, not pipes; the process is started and reaped by a small launcher
+    (:data:`LAUNCHER`), whose ``wait4`` returns its resource usage."""
+    with (
+        tempfile.TemporaryFile("w+") as out,
+        tempfile.TemporaryFile("w+") as err,
+        tempfile.NamedTemporaryFile("r", suffix=".maxrss") as peak,
+    ):
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, text=True, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        launch = [sys.executable, "-S", "-c", LAUNCHER, peak.name, *argv]
+        proc = subprocess.Popen(launch, stdout=out, stderr=err, text=True, env=env)
+        proc.wait()
         seconds = time.perf_counter() - t0
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()
-    if proc.returncode != 0:
+        maxrss = peak.read().strip()
+    if proc.returncode != 0 or not maxrss:
         last = (stderr.strip().splitlines() or ["(no output)"])[-1]
         raise Da3Error(f"{' '.join(argv[2:6])} ...: exit {proc.returncode}: {last}")
-    return usage.ru_maxrss * 1024, stdout, stderr, seconds
+    return int(maxrss) * 1024, stdout, stderr, seconds
+
+
+# The measured process is started by a small launcher, not by this (large) process: Linux
+# carries the peak resident size of the address space a process is exec'd from into the new
+# program's own (``ru_maxrss``), so a child exec'd straight from a 1 GiB parent reports at
+# least 1 GiB. The launcher (python -S, ~10 MiB) forks, execs the command, reaps it with
+# wait4 and writes its peak, as ``/usr/bin/time -f %M`` does.
+LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 FLOOR_CODE = (
