@@ -5,7 +5,9 @@ The `memory` stage of `da3 bench` (da3.bench.process_memory) on its own, for a s
     python benchmarks/process_memory.py                      # every method, Lite0 + ResNet-50
     python benchmarks/process_memory.py --methods finetune,da3,linear --backbones resnet50
 
-Writes benchmarks/results/process_memory.{json,md}.
+Writes benchmarks/results/process_memory.{json,md} (``--name``). ``--merge A B`` joins
+results written that way (e.g. one per backbone, run one after the other) into one file, in
+the form the report reads (``--name bench_quick_memory``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from da3.bench import process_memory as pm
 from da3.bench.common import header, run_info, save
+from da3.io import read_json
 from da3.methods import list_methods
 
 
@@ -28,7 +31,17 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp one)")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--name", default="process_memory")
+    p.add_argument("--merge", nargs="+", metavar="NAME", help="join these result files")
     args = p.parse_args()
+    if args.merge:
+        result = pm.merge_results([read_json(args.results / f"{n}.json") for n in args.merge])
+        info = result.pop("info")
+        info["command"] += f" ; {run_info('cpu')['command']}"  # the runs, then this merge
+        md = header(info, "The memory a device sees: whole `da3 train` processes") + (
+            pm.markdown_table(result)
+        )
+        save(args.results, args.name, {"info": info, **result}, md)
+        return
     wanted = [b.strip() for b in args.backbones.split(",") if b.strip()]
     spec = {**pm.SPEC, "backbones": [b for b in pm.SPEC["backbones"] if b[0] in wanted]}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

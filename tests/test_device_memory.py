@@ -491,3 +491,35 @@ def test_a_measured_process_does_not_inherit_the_peak_of_the_one_that_starts_it(
     assert out.strip() == "ok"
     assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB: the parent's size leaked in"
     del ballast
+
+
+def test_memory_results_of_two_sittings_merge_side_by_side():
+    from da3.bench.process_memory import markdown_table, merge_results
+
+    def part(backbone, floor, rows):
+        spec = {"image_size": 224, "batch_size": 8, "epochs": 1, "per_class": 8}
+        return {
+            "info": {"command": f"run {backbone}", "stage_seconds": {"memory": 10.0}},
+            "spec": {**spec, "backbones": [[backbone, "x"]], "methods": [m for m, _ in rows]},
+            "folder": "f",
+            "floors": {floor: {"modules": floor, "vmhwm_bytes": 1, "wait4_bytes": 2}},
+            "rows": [
+                {"backbone": backbone, "method": m, "micro_batch": mb, "floor": floor,
+                 "weights": "x", "vmhwm_above_floor_bytes": 2**20 * v,
+                 "wait4_above_floor_bytes": 0, "frozen_weights_bytes": 0,
+                 "trainable_state_bytes": 0, "peak_phase": "training", "test_accuracy": 0.5}
+                for m, mb, v in [(m, mb, v) for (m, mb), v in zip(rows, (100, 10), strict=True)]
+            ],
+        }  # fmt: skip
+
+    a = part("efficientnet_lite0", "torch", [("finetune", 8), ("da3", 1)])
+    b = part("resnet50", "torch+torchvision", [("finetune", 8), ("da3", 1)])
+    merged = merge_results([a, b])
+    assert [r["backbone"] for r in merged["rows"]] == ["efficientnet_lite0"] * 2 + ["resnet50"] * 2
+    assert set(merged["floors"]) == {"torch", "torch+torchvision"}
+    assert merged["info"]["stage_seconds"]["memory"] == 20.0
+    table = markdown_table(merged)
+    assert "**efficientnet_lite0**" in table and "**resnet50**" in table and "10.0x" in table
+    b["spec"]["image_size"] = 96
+    with pytest.raises(Da3Error, match="differ"):
+        merge_results([a, b])

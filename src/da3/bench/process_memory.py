@@ -257,6 +257,37 @@ def run_process_memory(
     }
 
 
+def merge_results(parts: list[dict]) -> dict:
+    """One result from runs of this stage on different backbones (or methods), each read
+    against the floors measured in its own sitting: the rows side by side, the spec's
+    backbones and methods joined, the stage times added."""
+    if not parts:
+        raise Da3Error("nothing to merge")
+    keys = ("image_size", "batch_size", "epochs", "per_class")
+    for p in parts[1:]:
+        if any(p["spec"][k] != parts[0]["spec"][k] for k in keys):
+            raise Da3Error("memory results to merge differ in their settings: " + ", ".join(keys))
+    spec = {k: parts[0]["spec"][k] for k in keys}
+    spec["backbones"] = [b for p in parts for b in p["spec"]["backbones"]]
+    spec["methods"] = list(dict.fromkeys(m for p in parts for m in p["spec"]["methods"]))
+    info = {**parts[0]["info"]}
+    info["stage_seconds"] = {
+        "memory": round(sum(p["info"]["stage_seconds"]["memory"] for p in parts), 1)
+    }
+    info["command"] = " ; ".join(str(p["info"].get("command", "")) for p in parts)
+    floors = {**parts[0]["floors"]}
+    for p in parts[1:]:
+        for k, v in p["floors"].items():
+            floors.setdefault(k, v)
+    return {
+        "info": info,
+        "spec": spec,
+        "folder": parts[0]["folder"],
+        "floors": floors,
+        "rows": [r for p in parts for r in p["rows"]],
+    }
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.1f}x" if b > 0 else "-"
 
