@@ -47,7 +47,9 @@ def protocol() -> dict:
 
 
 def pooled(domain: str, proto: dict, store: Path) -> dict:
-    settings = TrainSettings(domain=f"{domain}-pooled", data=domain, method="da3", **proto)
+    settings = TrainSettings(
+        domain=f"{Path(domain).name}-pooled", data=domain, method="da3", **proto
+    )
     t0 = time.perf_counter()
     result = train_domain(
         settings, store, overwrite=True, progress=False, checkpoints=False, plot=False
@@ -64,7 +66,7 @@ def alone(domain: str, proto: dict, clients: int, partition: str) -> dict:
     fleet = FederateSettings.from_values(
         {
             **proto,
-            "domain": f"{domain}-alone",
+            "domain": f"{Path(domain).name}-alone",
             "data": domain,
             "clients": clients,
             "local_epochs": proto["epochs"],
@@ -112,7 +114,7 @@ def federated(domain: str, proto: dict, clients: int, rounds: int, partition: st
     settings = FederateSettings.from_values(
         {
             **values,
-            "domain": f"{domain}-fleet-{partition.replace(':', '')}",
+            "domain": f"{Path(domain).name}-fleet-{partition.replace(':', '')}",
             "data": domain,
             "clients": clients,
             "rounds": rounds,
