@@ -392,6 +392,7 @@ def test_loopback_deployment_survives_a_client_killed_mid_run(toy, tmp_path):
     history = json.loads((store / "runs" / "fleet" / "history.json").read_text())
     rounds = history["rounds"]
     assert rounds[1]["clients_replied"] == 2
+    assert rounds[2]["clients_asked"] == 2  # it was asked: it died mid-round
     assert rounds[2]["clients_replied"] == 1  # the killed one left out, the round went on
     assert "round 2/2: test accuracy" in log("run")
     meta = json.loads((store / "fleet.json").read_text())

@@ -80,11 +80,11 @@ def commands(app: Path, clients: int, *, host: str = "127.0.0.1") -> list[str]:
     lines = [
         "flower-superlink --insecure --disable-runtime-dependency-installation",
         *(
-            f"flower-supernode --insecure --superlink {host}:9092 --port {9094 + i} "
+            f"flower-supernode --insecure --superlink {host}:8000 --port {9094 + i} "
             f'--node-config "partition-id={i} num-partitions={clients}"'
             for i in range(clients)
         ),
         f"flwr run {app} local-deployment --stream   # with, in $FLWR_HOME/config.toml "
-        f'(~/.flwr): [superlink.local-deployment] address = "{host}:9093" insecure = true',
+        f'(~/.flwr): [superlink.local-deployment] address = "{host}:8000" insecure = true',
     ]
     return lines
