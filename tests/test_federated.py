@@ -147,6 +147,32 @@ def test_only_the_domains_trainable_tensors_travel(toy, task_identity):
     assert changed  # it trained
 
 
+@pytest.mark.parametrize("method", ["bias", "tinytl", "udta", "linear", "finetune"])
+def test_every_method_travels_and_averages(toy, task_identity, method):
+    """Each method's domain state goes out and comes back averaged into a loadable state
+    (udta's own batch norms travel with their integer step counts)."""
+    from flwr.app import ArrayRecord, Context, Message, RecordDict
+
+    from da3.federated.client import build_domain, settings_record, state_from_arrays, train
+    from da3.federated.server import FleetFedAvg
+
+    s = settings(toy["data"], clients=2, method=method)
+    _, domain, _ = build_domain(s)
+    state = domain.model.domain_state()
+    content = RecordDict({"arrays": ArrayRecord(state), "config": settings_record(s)})
+    replies = []
+    for pid in (0, 1):
+        msg = Message(content=content, dst_node_id=5 + pid, message_type="train")
+        context = Context(7, 5 + pid, {"partition-id": pid, "num-partitions": 2}, RecordDict(), {})
+        replies.append(train(msg, context))
+        assert set(replies[-1].content["arrays"]) == set(state)
+    expected = {k: (tuple(v.shape), str(v.numpy().dtype)) for k, v in state.items()}
+    strategy = FleetFedAvg(s, expected)
+    strategy.rounds[1] = {"clients_asked": 2}
+    arrays, _ = strategy.aggregate_train(1, replies)
+    domain.model.load_domain_state(state_from_arrays(arrays, state))
+
+
 def test_fedavg_is_exact_on_known_tensors(task_identity):
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 

@@ -17,6 +17,7 @@ once.
 
 from __future__ import annotations
 
+import atexit
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -44,6 +45,7 @@ class ClientWork:
 
 
 _held: dict[str, ClientWork] = {}
+atexit.register(_held.clear)  # the data's open cache file closes before the interpreter goes
 
 
 def build_domain(settings: FederateSettings, data=None):
