@@ -53,12 +53,15 @@ def check_run(settings: FederateSettings, store, overwrite: bool = False):
     return counts
 
 
-def backend_config(cpus: int | None = None) -> dict:
-    """Flower's Ray backend: one worker with the whole machine (see the module docstring)."""
-    cpus = cpus or os.cpu_count() or 1
+def backend_config(device: str = "cpu", verbose: bool = False) -> dict:
+    """Flower's Ray backend: one worker with the whole machine (see the module docstring);
+    with ``device`` cuda, the worker gets the GPU (Ray hides it from a worker that asks for
+    none)."""
+    cpus = os.cpu_count() or 1
+    gpus = 1.0 if device == "cuda" else 0.0
     return {
-        "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": True},
+        "client_resources": {"num_cpus": cpus, "num_gpus": gpus},
+        "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": verbose},
     }
 
 
@@ -102,6 +105,7 @@ def federate(
     def _main(grid, context) -> None:
         outcome["record"] = serve(grid, settings, store, overwrite=overwrite, say=say)
 
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # a FutureWarning less
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
     if not verbose:
@@ -111,7 +115,7 @@ def federate(
             server_app=server_app,
             client_app=client_app,
             num_supernodes=settings.clients,
-            backend_config=backend_config(),
+            backend_config=backend_config(settings.train.device, verbose),
             verbose_logging=verbose,
         )
     finally:
