@@ -204,6 +204,30 @@ def plot(payload: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def merge(out: str, parts: list[str]) -> None:
+    from da3.io import read_json
+
+    payload = read_json(RESULTS / f"{out}.json")
+    infos = [payload["info"]]
+    for name in parts:
+        other = read_json(RESULTS / f"{name}.json")
+        same = ("protocol", "clients", "rounds", "flwr")
+        if any(other[k] != payload[k] for k in same):
+            raise SystemExit(f"{name}.json: another protocol than {out}.json's")
+        done = {(r["domain"], r["partition"]) for r in other["records"]}
+        payload["records"] = [
+            r for r in payload["records"] if (r["domain"], r["partition"]) not in done
+        ] + other["records"]
+        infos.append(other["info"])
+    info = dict(infos[0])
+    info["command"] = [
+        i["command"] if isinstance(i["command"], str) else i["command"][0] for i in infos
+    ]
+    payload["info"] = info
+    save(out, payload, markdown(info, payload))
+    plot(payload, RESULTS / f"{out}.png")
+
+
 def main() -> None:
     import flwr
 
@@ -215,7 +239,16 @@ def main() -> None:
     ap.add_argument("--out", default="federated")
     ap.add_argument("--image-size", type=int, help="instead of the protocol's (a smoke run)")
     ap.add_argument("--weights", help="instead of the protocol's (a smoke run: none)")
+    ap.add_argument(
+        "--merge",
+        metavar="NAME,...",
+        help="no training: add the records of results/NAME.json (runs of other domains under "
+        "the same protocol, e.g. in a second process) to results/<out>.json and rewrite it",
+    )
     args = ap.parse_args()
+    if args.merge:
+        merge(args.out, args.merge.split(","))
+        return
     info = run_info()
     proto = protocol()
     if args.image_size:
