@@ -109,7 +109,9 @@ def alone(domain: str, proto: dict, clients: int, partition: str) -> dict:
     }
 
 
-def federated(domain: str, proto: dict, clients: int, rounds: int, partition: str, store) -> dict:
+def federated(
+    domain: str, proto: dict, clients: int, rounds: int, partition: str, store, local: int = 1
+) -> dict:
     values = {**proto, "epochs": None}
     settings = FederateSettings.from_values(
         {
@@ -119,7 +121,7 @@ def federated(domain: str, proto: dict, clients: int, rounds: int, partition: st
             "clients": clients,
             "rounds": rounds,
             "partition": partition,
-            "local_epochs": 1,
+            "local_epochs": local,
         }
     )
     t0 = time.perf_counter()
@@ -142,7 +144,8 @@ def markdown(info: dict, payload: dict) -> str:
         "A fleet learns a domain together: federated DA3 on Flower",
         f"- protocol: quick ({p['backbone']} {p['weights']}, {p['image_size']} px, batch "
         f"{p['batch_size']}, seed {p['seed']}); pooled: {p['epochs']} epochs; fleet: "
-        f"{payload['clients']} clients, {payload['rounds']} rounds of 1 local epoch, FedAvg "
+        f"{payload['clients']} clients, {payload['rounds']} rounds of "
+        f"{payload.get('local_epochs', 1)} local epoch(s), FedAvg "
         f"(Flower {payload['flwr']}, simulation engine); alone: each client on its own shard, "
         f"{p['epochs']} epochs\n",
     )
@@ -151,11 +154,13 @@ def markdown(info: dict, payload: dict) -> str:
         "| clients alone: mean (min-max) |\n|---|---|---|---|---|---|\n"
     )
     for r in payload["records"]:
-        a = r["alone"]
+        a, fed, pool = r["alone"], r["federated"]["test_accuracy"], r["pooled"]
+        out += f"| {r['domain']} | {r['partition']} | {fed:.3f} | "
+        if pool is None:  # --fleet-only
+            out += "- | - | - |\n"
+            continue
         out += (
-            f"| {r['domain']} | {r['partition']} | {r['federated']['test_accuracy']:.3f} | "
-            f"{r['pooled']['test_accuracy']:.3f} | "
-            f"{100 * (r['federated']['test_accuracy'] - r['pooled']['test_accuracy']):+.1f} pt | "
+            f"{pool['test_accuracy']:.3f} | {100 * (fed - pool['test_accuracy']):+.1f} pt | "
             f"{a['mean_test_accuracy']:.3f} ({a['min_test_accuracy']:.3f}-"
             f"{a['max_test_accuracy']:.3f}) |\n"
         )
@@ -190,7 +195,7 @@ def plot(payload: dict, path: Path) -> None:
     for i, r in enumerate(payload["records"]):
         accs = r["federated"]["round_test_accuracy"]
         line = ax.plot(range(len(accs)), accs, "o-", label=f"{r['domain']} {r['partition']}")[0]
-        if i % len(payload["partitions"]) == 0:
+        if i % len(payload["partitions"]) == 0 and r["pooled"] is not None:
             ax.axhline(
                 r["pooled"]["test_accuracy"],
                 color=line.get_color(),
@@ -212,7 +217,9 @@ def merge(out: str, parts: list[str]) -> None:
     for name in parts:
         other = read_json(RESULTS / f"{name}.json")
         same = ("protocol", "clients", "rounds", "flwr")
-        if any(other[k] != payload[k] for k in same):
+        if any(other[k] != payload[k] for k in same) or other.get("local_epochs", 1) != payload.get(
+            "local_epochs", 1
+        ):
             raise SystemExit(f"{name}.json: another protocol than {out}.json's")
         done = {(r["domain"], r["partition"]) for r in other["records"]}
         payload["records"] = [
@@ -237,6 +244,10 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--out", default="federated")
+    ap.add_argument("--local-epochs", type=int, default=1, help="each client's, per round")
+    ap.add_argument(
+        "--fleet-only", action="store_true", help="no pooled and alone baselines (a variant)"
+    )
     ap.add_argument("--image-size", type=int, help="instead of the protocol's (a smoke run)")
     ap.add_argument("--weights", help="instead of the protocol's (a smoke run: none)")
     ap.add_argument(
@@ -259,22 +270,22 @@ def main() -> None:
         "protocol": proto,
         "clients": args.clients,
         "rounds": args.rounds,
+        "local_epochs": args.local_epochs,
         "partitions": args.partitions.split(","),
         "flwr": flwr.__version__,
         "records": [],
     }
     with tempfile.TemporaryDirectory(prefix="da3-federated-") as store:
         for domain in args.domains.split(","):
-            base = pooled(domain, proto, Path(store))
-            print(f"{domain} pooled: test {base['test_accuracy']:.4f}", flush=True)
+            base = None if args.fleet_only else pooled(domain, proto, Path(store))
+            if base is not None:
+                print(f"{domain} pooled: test {base['test_accuracy']:.4f}", flush=True)
             for partition in payload["partitions"]:
-                fed = federated(domain, proto, args.clients, args.rounds, partition, store)
-                own = alone(domain, proto, args.clients, partition)
-                print(
-                    f"{domain} {partition}: federated {fed['test_accuracy']:.4f}, pooled "
-                    f"{base['test_accuracy']:.4f}, alone mean {own['mean_test_accuracy']:.4f}",
-                    flush=True,
+                fed = federated(
+                    domain, proto, args.clients, args.rounds, partition, store, args.local_epochs
                 )
+                own = None if args.fleet_only else alone(domain, proto, args.clients, partition)
+                print(f"{domain} {partition}: federated {fed['test_accuracy']:.4f}", flush=True)
                 payload["records"].append(
                     {
                         "domain": domain,
