@@ -18,7 +18,7 @@ LAYERS = [
     {"methods"},
     {"train", "profile", "domains"},
     {"training", "export"},
-    {"bench", "demo"},
+    {"bench", "demo", "federated"},
     {"commands", "cli"},
 ]
 LAYER = {part: i for i, layer in enumerate(LAYERS) for part in layer}

@@ -23,12 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
     from da3.bench import cli as bench_cli
     from da3.data import cli as data_cli
     from da3.export import cli as export_cli
+    from da3.federated import cli as federated_cli
 
     domain_commands.register(commands)
     data_cli.register(commands)
     export_cli.register(commands)
     _register_profile(commands)
     bench_cli.register(commands)
+    federated_cli.register(commands)
     return parser
 
 

@@ -220,16 +220,6 @@ def register(commands) -> None:
 # train
 
 
-def _parse_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise Da3Error(f"{item!r}: expected key=value")
-        key, value = item.split("=", 1)
-        out[key.strip().replace("-", "_")] = value.strip()
-    return out
-
-
 MAX_YAML_BYTES = 2**20  # a settings file is a few hundred bytes
 
 
@@ -275,7 +265,7 @@ def resolve_settings(args):
     """The run's :class:`~da3.training.TrainSettings` from YAML < flags < key=value. A
     faulty value that came from the settings file is reported with the file's name."""
     from da3.data import BENCHMARK_DOMAINS
-    from da3.training import TrainSettings
+    from da3.training import TrainSettings, parse_overrides
 
     from_file: dict = {}
     if args.config is not None:
@@ -283,7 +273,7 @@ def resolve_settings(args):
     flags = {
         k: getattr(args, k) for k in TrainSettings.run_keys() if getattr(args, k, None) is not None
     }
-    values = {**from_file, **flags, **_parse_overrides(args.overrides)}
+    values = {**from_file, **flags, **parse_overrides(args.overrides)}
     # A folder given relative to here is recorded absolute, so `eval` works from anywhere.
     data = values.get("data")
     if isinstance(data, str) and data and data not in BENCHMARK_DOMAINS:

@@ -40,3 +40,23 @@ def plot_curves(
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
     os.replace(tmp, path)
+
+
+def plot_rounds(rounds: list[dict], path: Path, title: str) -> None:
+    """Test accuracy of the global domain against federated rounds (round 0: the initial
+    domain), written atomically as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot([r["round"] for r in rounds], [r["test_accuracy"] for r in rounds], "o-")
+    ax.set_xlabel("round"), ax.set_ylabel("test top-1 accuracy (global domain)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)

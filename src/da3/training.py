@@ -318,6 +318,18 @@ class TrainedDomain:
     settings: TrainSettings
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``key=value`` strings (the command line's trailing settings) as a dict of strings;
+    ``-`` in a key reads as ``_``. Types are TrainSettings.from_values's business."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise Da3Error(f"{item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
 def _say(progress: bool) -> Callable[[str], None]:
     return print if progress else (lambda line: None)
 

@@ -1,0 +1,120 @@
+"""The settings of a federated run: the fleet's own, plus the training settings each client
+uses for its local epochs (:class:`~da3.training.TrainSettings`, ``epochs`` = local epochs).
+
+One flat mapping of plain values describes a run everywhere: ``da3 federate``'s flags, the
+``--run-config`` of ``flwr run`` (a deployment), and the ConfigRecord each training message
+carries to the clients (so a SuperNode needs nothing but the message and its node config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from da3.errors import Da3Error
+from da3.federated.partition import parse_partition
+
+# The fleet's own settings, with their defaults (the rest are TrainSettings' and the method's).
+FLEET_DEFAULTS: dict[str, Any] = {
+    "clients": 2,
+    "rounds": 3,
+    "partition": "iid",
+    "local_epochs": 1,
+    "min_clients": 0,  # 0: every client must answer every round
+}
+
+
+@dataclass
+class FederateSettings:
+    """A federated run. ``train``: what each client trains with (``train.epochs`` is the
+    number of local epochs per round; ``train.seed`` seeds the initial domain, the
+    partition and each client's shuffling). ``min_clients``: the fewest clients a round
+    may end with (clients that die are left out of the average); 0 means all."""
+
+    train: Any  # da3.training.TrainSettings
+    clients: int = 2
+    rounds: int = 3
+    partition: str = "iid"
+    min_clients: int = 0
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        if self.clients < 1:
+            raise Da3Error(f"--clients must be at least 1, got {self.clients}")
+        if self.rounds < 1:
+            raise Da3Error(f"--rounds must be at least 1, got {self.rounds}")
+        if not 0 <= self.min_clients <= self.clients:
+            raise Da3Error(
+                f"--min-clients must be between 0 (all) and --clients ({self.clients}), "
+                f"got {self.min_clients}"
+            )
+        self.partition = str(parse_partition(self.partition))
+
+    @property
+    def domain(self) -> str:
+        return self.train.domain
+
+    @property
+    def method(self) -> str:
+        return self.train.method
+
+    @property
+    def local_epochs(self) -> int:
+        return self.train.epochs
+
+    @property
+    def quorum(self) -> int:
+        """The fewest replies a round may be averaged from."""
+        return self.min_clients or self.clients
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> FederateSettings:
+        """Settings from plain values (flags, ``--run-config``, a message): the fleet's
+        keys, ``local_epochs``, and every key TrainSettings or the method takes."""
+        from da3.training import TrainSettings
+
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        values.pop("epochs", None)  # a fleet's epochs are its local epochs
+        fleet = {}
+        for key, default in FLEET_DEFAULTS.items():
+            value = values.pop(key, None)
+            if value is None or value == "":
+                value = default
+            if isinstance(default, int) and not isinstance(value, int):
+                try:
+                    value = int(str(value))
+                except ValueError:
+                    raise Da3Error(f"setting {key!r} expects an integer, got {value!r}") from None
+            fleet[key] = value
+        local = fleet.pop("local_epochs")
+        if local < 1:
+            raise Da3Error(f"--local-epochs must be at least 1, got {local}")
+        train = TrainSettings.from_values({**values, "epochs": local})
+        return cls(train=train, **fleet)
+
+    def to_values(self) -> dict[str, Any]:
+        """Flat plain values (``config.yaml`` of the run; what :meth:`from_values` reads)."""
+        train = self.train.to_values()
+        train.pop("epochs")
+        return {
+            "clients": self.clients,
+            "rounds": self.rounds,
+            "partition": self.partition,
+            "local_epochs": self.local_epochs,
+            "min_clients": self.min_clients,
+            **train,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_values(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> FederateSettings:
+        return cls.from_values(json.loads(text))
+
+    def replace(self, **changes) -> FederateSettings:
+        return dataclasses.replace(self, **changes)
