@@ -452,7 +452,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per precision")
     p.add_argument("--images", type=int, default=100, help="images timed (export)")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     for s in stages:
         if s not in STAGES:
