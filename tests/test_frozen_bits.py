@@ -242,6 +242,10 @@ def test_every_method_trains_at_8_bits(frozen8, method):
     assert not any(t.dtype in (torch.int8, torch.float16) for t in state.values())
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 1, 2, 0])
+    F.cross_entropy(model(x), y).backward()
+    # every trainable tensor gets its gradient through the stored-small weights
+    assert all(p.grad is not None for p in model.trainable_parameters())
+    model.zero_grad()
     loss, logits = train_step(model, make_optimizer(model, make_config(method)), x, y)
     assert torch.isfinite(loss) and torch.isfinite(logits).all()
     if frozen8.weight_bytes("lean") and method != "finetune":

@@ -121,7 +121,7 @@ class _MaskedConv2dFn(Function):
                 xp, weight.shape, grad, stride, padding, dilation, groups
             )
             grad_scores = grad_w * weight  # d(W*m)/dm = W; the threshold passes straight
-        if ctx.needs_input_grad[3]:
+        if ctx.needs_input_grad[4]:
             grad_bias = grad.sum((0, 2, 3))
         return grad_x, grad_scores, None, None, grad_bias, None, None, None, None, None, None
 
