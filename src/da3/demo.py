@@ -44,8 +44,9 @@ def run(args) -> int:
     store = DomainStore(Path(args.store) / "demo")
     progress = not args.quiet
     print(
-        f"da3 demo: {len(names)} domains, DA3 on pretrained efficientnet_lite0 ({bits}-bit "
-        f"frozen weights), {size} px, {epochs} epochs each, store {store.root}\n"
+        f"da3 demo: {len(names)} domains, DA3 on pretrained efficientnet_lite0"
+        + (f" ({bits}-bit frozen weights)" if bits != 32 else "")
+        + f", {size} px, {epochs} epochs each, store {store.root}\n"
         f"machine: {machine_description('cpu')}\n"
     )
     # the lean form only: every domain is DA3, which reads nothing else
