@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Lowest first. A module may import from its own layer and any layer below.
 LAYERS = [
-    {"__init__", "errors", "io", "tables", "optim", "plots", "feature_cache"},
+    {"__init__", "errors", "io", "tables", "optim", "plots", "feature_cache", "precision"},
     {"data", "store", "backbones"},
     {"lean", "memory"},
     {"methods"},

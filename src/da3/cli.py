@@ -52,6 +52,11 @@ def _register_profile(commands) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per method (median)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument(
+        "--frozen-bits",
+        default="32",
+        help="the frozen backbone's weights in 32, 16 or 8 bits (lean methods; default 32)",
+    )
     p.add_argument("--no-peak", action="store_true", help="skip the fresh-process peak memory")
     p.add_argument("--json", action="store_true", help="print one JSON array")
     p.set_defaults(run=_run_profile)
@@ -61,8 +66,10 @@ def _run_profile(args) -> int:
     import json
 
     from da3.methods import get_method
+    from da3.precision import frozen_bits_value
     from da3.profile import format_table, profile_methods
 
+    bits = frozen_bits_value(args.frozen_bits)
     methods = _csv(args.method)
     for m in methods:
         get_method(m)  # unknown names fail before any work
@@ -78,6 +85,7 @@ def _run_profile(args) -> int:
         device=args.device,
         num_classes=args.num_classes,
         peak=not args.no_peak,
+        frozen_bits=bits,
         progress=None if args.json else lambda msg: print(f"  {msg}", file=sys.stderr),
     )
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))

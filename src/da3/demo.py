@@ -28,6 +28,7 @@ def run(args) -> int:
     from da3.domains import DomainStore, MultiDomainModel
     from da3.memory import process_memory_bytes, reset_peak_memory, saved_activation_bytes
     from da3.methods import parse_config
+    from da3.precision import frozen_bits_value
     from da3.profile import machine_description
     from da3.tables import text_table
     from da3.training import TrainSettings, train_domain
@@ -39,13 +40,19 @@ def run(args) -> int:
             raise Da3Error(f"demo: unknown domain {n!r}; choose from {', '.join(DEMO_DOMAINS)}")
     epochs = args.epochs or DEMO_EPOCHS
     size = args.image_size or DEMO_IMAGE_SIZE
+    bits = frozen_bits_value(getattr(args, "frozen_bits", None)) or 32
     store = DomainStore(Path(args.store) / "demo")
     progress = not args.quiet
     print(
-        f"da3 demo: {len(names)} domains, DA3 on pretrained efficientnet_lite0, {size} px, "
-        f"{epochs} epochs each, store {store.root}\nmachine: {machine_description('cpu')}\n"
+        f"da3 demo: {len(names)} domains, DA3 on pretrained efficientnet_lite0"
+        + (f" ({bits}-bit frozen weights)" if bits != 32 else "")
+        + f", {size} px, {epochs} epochs each, store {store.root}\n"
+        f"machine: {machine_description('cpu')}\n"
     )
-    model = MultiDomainModel(create_backbone("efficientnet_lite0", "imagenet"))
+    # the lean form only: every domain is DA3, which reads nothing else
+    backbone = create_backbone("efficientnet_lite0", "imagenet")
+    model = MultiDomainModel(backbone, forms="lean", frozen_bits=bits)
+    del backbone
     config = parse_config("da3", {})
     rows, reference, history_rows = [], {}, []
     data_cache = {}
@@ -60,13 +67,13 @@ def run(args) -> int:
         saved = saved_activation_bytes(
             d.model.train(),
             lambda d=d, x=x, y=y: F.cross_entropy(d.model(x), y),
-            exclude=model.frozen.stock,
+            exclude=model.frozen.lean,
         )
         del probe, d
         exact_peak = reset_peak_memory()
         rss0 = process_memory_bytes("VmRSS")
         settings = TrainSettings(
-            domain=name, data=name, image_size=size, epochs=epochs, batch_size=32
+            domain=name, data=name, image_size=size, epochs=epochs, batch_size=32, frozen_bits=bits
         )
         info = train_domain(settings, store, overwrite=True, progress=progress, model=model)
         peak = process_memory_bytes("VmHWM") - rss0 if exact_peak else None

@@ -64,6 +64,7 @@ class Domain:
     metrics: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     source: str = ""
+    trained_frozen_bits: int | None = None  # as its file records; None: trained here
 
     @property
     def num_classes(self) -> int:
@@ -74,13 +75,18 @@ class MultiDomainModel:
     """One frozen backbone shared by many domains, each with its own trained tensors."""
 
     def __init__(
-        self, backbone: Backbone | FrozenBackbone, device: str = "cpu", forms: str = "both"
+        self,
+        backbone: Backbone | FrozenBackbone,
+        device: str = "cpu",
+        forms: str = "both",
+        frozen_bits: int = 32,
     ) -> None:
         """``forms``: which forms of the frozen backbone to hold (see
         :class:`~da3.methods.FrozenBackbone`); a process that trains one method holds only
-        the one it needs."""
+        the one it needs. ``frozen_bits``: the precision of the frozen weights of the lean
+        form, 32, 16 or 8 (given a FrozenBackbone, its own)."""
         if not isinstance(backbone, FrozenBackbone):
-            backbone = FrozenBackbone(backbone, forms)
+            backbone = FrozenBackbone(backbone, forms, frozen_bits)
         self.frozen = backbone.to(device)
         self.device = device
         self.domains: dict[str, Domain] = {}
@@ -90,11 +96,18 @@ class MultiDomainModel:
     def preprocess(self):
         return self.frozen.preprocess
 
+    @property
+    def frozen_bits(self) -> int:
+        return self.frozen.frozen_bits
+
     def backbone_record(self) -> dict:
+        """What a domain file records of the backbone: its name, weights, the fingerprint of
+        its float32 weights and the precision the frozen weights were held in."""
         return {
             "name": self.frozen.name,
             "weights": self.frozen.weights,
             "fingerprint": self.frozen.fingerprint,
+            "frozen_bits": self.frozen.frozen_bits,
         }
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -274,7 +287,22 @@ class MultiDomainModel:
             raise Da3Error(f"{json_path}: {err}") from None
         domain.metrics, domain.train = meta.get("metrics", {}), meta.get("train", {})
         domain.source = meta.get("source", "")
+        # a file from before frozen_bits existed was trained on float32 weights
+        domain.trained_frozen_bits = int(theirs.get("frozen_bits", 32))
         return domain
+
+    def precision_note(self, name: str | None = None) -> str:
+        """A line saying so when domain ``name`` was trained with its frozen weights in
+        another precision than this model holds them ("" otherwise): allowed, the domain's
+        tensors are the same; its outputs differ as the dequantized weights do."""
+        d = self.get(name)
+        trained = d.trained_frozen_bits
+        if trained is None or trained == self.frozen_bits:
+            return ""
+        return (
+            f"note: domain {d.name!r} was trained with {trained}-bit frozen weights; this model "
+            f"holds them in {self.frozen_bits} bits (allowed; its outputs differ slightly)"
+        )
 
 
 def data_source(data) -> str:
@@ -287,18 +315,22 @@ def data_source(data) -> str:
     return str(Path(data.source).absolute()) if data.source else data.name
 
 
-def open_domain(store, name: str, device: str = "cpu"):
+def open_domain(store, name: str, device: str = "cpu", frozen_bits: int | None = None):
     """A saved domain, ready to use: (a :class:`MultiDomainModel` on the backbone the domain
     was trained on, holding the domain ``name``; the :class:`DomainStore`). ``store``: the
-    store or its folder."""
+    store or its folder. ``frozen_bits``: the frozen weights' precision (default: the one the
+    domain was trained with; another is allowed, see ``model.precision_note(name)``)."""
     store = store if isinstance(store, DomainStore) else DomainStore(store)
-    model = open_backbone_for(store, name, device)
+    model = open_backbone_for(store, name, device, frozen_bits)
     model.load(name, store)
     return model, store
 
 
-def open_backbone_for(store: DomainStore, name: str, device: str = "cpu") -> MultiDomainModel:
-    """A model over the backbone that domain ``name`` of ``store`` was trained on."""
+def open_backbone_for(
+    store: DomainStore, name: str, device: str = "cpu", frozen_bits: int | None = None
+) -> MultiDomainModel:
+    """A model over the backbone that domain ``name`` of ``store`` was trained on, its frozen
+    weights in ``frozen_bits`` (default: the precision the domain was trained with)."""
     meta = store.read_meta(name)
     json_path = store.paths(name)[1]
     b = meta["backbone"]
@@ -312,7 +344,11 @@ def open_backbone_for(store: DomainStore, name: str, device: str = "cpu") -> Mul
         weights = "imagenet"
     else:
         raise Da3Error(f"{json_path}: unknown backbone weights record {recorded[:60]!r}")
+    bits = b.get("frozen_bits", 32) if frozen_bits is None else frozen_bits
+    if bits not in (32, 16, 8):
+        raise Da3Error(f"{json_path}: frozen_bits must be 32, 16 or 8, got {str(bits)[:20]}")
     try:
-        return MultiDomainModel(create_backbone(b.get("name", ""), weights), device)
+        backbone = create_backbone(b.get("name", ""), weights)
+        return MultiDomainModel(backbone, device, frozen_bits=bits)
     except Da3Error as err:
         raise Da3Error(f"{json_path}: {err}") from None

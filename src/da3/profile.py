@@ -13,6 +13,9 @@
   interleaved so that drift of the machine hits all alike.
 * ``analytical_floor_bytes``: the lean floor (:func:`da3.memory.analytical_floor_bytes`).
 * ``trainable_parameters`` and ``inference_flops`` (per image, ``torch.utils.flop_counter``).
+* ``frozen_weight_bytes``: bytes of the frozen backbone form the method reads, in the
+  precision of ``frozen_bits`` (32, 16, 8; the lean form's); 0 for ``finetune``, whose
+  backbone trains (its weights count as trainable).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from da3.memory import (
     reset_peak_memory,
     saved_activation_bytes,
 )
-from da3.methods import AdaptedModel, FrozenBackbone, build_model, make_config
+from da3.methods import AdaptedModel, FrozenBackbone, build_model, get_method, make_config
 from da3.train import make_optimizer, train_step
 
 
@@ -88,10 +91,11 @@ def measure_peak_in_this_process(
     device: str,
     num_classes: int,
     config_overrides: dict | None = None,
+    frozen_bits: int = 32,
 ) -> dict:
     """Peak memory of the first training step, measured in the calling process."""
     torch.manual_seed(0)
-    frozen = FrozenBackbone(create_backbone(backbone, weights).to(device))
+    frozen = FrozenBackbone(create_backbone(backbone, weights).to(device), frozen_bits=frozen_bits)
     model = build_model(method, frozen, num_classes, make_config(method, config_overrides))
     model.to(device).train()
     config = make_config(method, config_overrides)
@@ -142,9 +146,11 @@ def measure_peak_in_fresh_process(
     device: str,
     num_classes: int,
     config_overrides: dict | None,
+    frozen_bits: int = 32,
 ) -> dict:
     spec = json.dumps(
         {
+            "frozen_bits": frozen_bits,
             "backbone": backbone,
             "method": method,
             "weights": weights,
@@ -184,12 +190,14 @@ def profile_methods(
     peak: bool = True,
     config_overrides: dict[str, dict] | None = None,
     progress=None,
+    frozen_bits: int = 32,
 ) -> list[dict]:
-    """Profile ``methods`` on one backbone, all in this one invocation; one dict per method."""
+    """Profile ``methods`` on one backbone, all in this one invocation; one dict per method.
+    ``frozen_bits``: the lean form's weights in 32, 16 or 8 bits."""
     if device == "cuda" and not torch.cuda.is_available():
         raise Da3Error("--device cuda: no CUDA device is available")
     overrides = config_overrides or {}
-    frozen = FrozenBackbone(create_backbone(backbone, weights).to(device))
+    frozen = FrozenBackbone(create_backbone(backbone, weights).to(device), frozen_bits=frozen_bits)
     x, y = _batch(batch_size, image_size, num_classes, device)
     rows, models, optimizers = [], {}, {}
     for m in methods:
@@ -209,6 +217,10 @@ def profile_methods(
                 "batch_size": batch_size,
                 "device": device,
                 "config": dataclasses.asdict(config),
+                "frozen_bits": frozen_bits,
+                "frozen_weight_bytes": frozen.weight_bytes("lean")
+                if get_method(m).frozen_form == "lean"
+                else 0,
                 "trainable_parameters": sum(p.numel() for p in model.trainable_parameters()),
                 "saved_activation_bytes": saved,
                 "analytical_floor_bytes": analytical_floor_bytes(model, x),
@@ -243,6 +255,7 @@ def profile_methods(
                 device=device,
                 num_classes=num_classes,
                 config_overrides=overrides.get(m),
+                frozen_bits=frozen_bits,
             )
             row["peak_memory_bytes"], row["baseline_memory_bytes"] = p["peak"], p["baseline"]
             row["peak_memory_measure"] = p["how"]
@@ -255,7 +268,8 @@ def format_table(rows: list[dict]) -> str:
     """A readable table; ratios are against ``finetune`` when it was profiled."""
     ref = next((r for r in rows if r["method"] == "finetune"), None)
     mib = 2**20
-    head = ["method", "trainable", "saved MiB", "floor MiB", "peak MiB", "step s", "GFLOPs"]
+    head = ["method", "trainable", "frozen MiB", "saved MiB", "floor MiB", "peak MiB"]
+    head += ["step s", "GFLOPs"]
     if ref:
         head += ["saved ÷", "peak ÷", "step ÷"]
     lines = [head]
@@ -264,6 +278,7 @@ def format_table(rows: list[dict]) -> str:
         line = [
             r["method"],
             f"{r['trainable_parameters']:,}",
+            f"{r.get('frozen_weight_bytes', 0) / mib:.1f}",
             f"{r['saved_activation_bytes'] / mib:.2f}",
             f"{r['analytical_floor_bytes'] / mib:.2f}",
             "-" if peak is None else f"{peak / mib:.1f}",
@@ -293,6 +308,7 @@ def format_table(rows: list[dict]) -> str:
     r0 = rows[0]
     title = (
         f"{r0['backbone']} ({r0['weights']}), {r0['image_size']} px, batch {r0['batch_size']}, "
+        f"{r0.get('frozen_bits', 32)}-bit frozen weights, "
         f"{r0['device']}: {r0['machine']}, torch {r0['torch']}"
     )
     return "\n".join([title, *out])
@@ -309,6 +325,7 @@ def _worker(spec_json: str) -> None:
         spec["device"],
         spec["num_classes"],
         spec["config_overrides"],
+        spec.get("frozen_bits", 32),
     )
     print(json.dumps(result))
 

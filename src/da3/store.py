@@ -151,6 +151,8 @@ class DomainStore:
         for key in ("name", "weights", "fingerprint"):
             if not isinstance(meta["backbone"].get(key, ""), str):
                 raise Da3Error(f"{path}: backbone {key!r} is not a JSON string")
+        if meta["backbone"].get("frozen_bits", 32) not in (32, 16, 8):  # absent: float32
+            raise Da3Error(f"{path}: backbone 'frozen_bits' is not 32, 16 or 8")
         return meta
 
     def _previous(self, name: str) -> Path:

@@ -84,6 +84,7 @@ class TrainSettings:
     device: str = "cpu"
     cache_features: bool = False
     cache_dtype: str = "float32"
+    frozen_bits: int = 32  # the frozen backbone's weights in 32, 16 or 8 bits (lean methods)
     method_config: dict = field(default_factory=dict)
 
     # the names TrainConfig takes from here
@@ -165,6 +166,13 @@ class TrainSettings:
                 raise Da3Error(f"setting {key!r} must be 0 or more, got {getattr(self, key)}")
         if self.device not in ("cpu", "cuda"):
             raise Da3Error(f"setting 'device' must be cpu or cuda, got {self.device!r}")
+        if self.frozen_bits not in (32, 16, 8):
+            raise Da3Error(f"setting 'frozen_bits' must be 32, 16 or 8, got {self.frozen_bits}")
+        if self.frozen_bits != 32 and get_method(self.method).frozen_form != "lean":
+            raise Da3Error(
+                f"setting 'frozen_bits' {self.frozen_bits}: method {self.method} trains the "
+                "backbone's own weights, which stay float32; use frozen_bits 32"
+            )
         self.method_config = dataclasses.asdict(self.config())  # checked, and complete
         self.train_config()  # checks that need no data (cache vs augment)
 
@@ -432,8 +440,18 @@ def _fit_and_save(
     with meter.phase("backbone"):
         if model is None:
             backbone = create_backbone(settings.backbone, settings.weights)
-            model = MultiDomainModel(backbone, settings.device, forms=entry.frozen_form)
+            model = MultiDomainModel(
+                backbone,
+                settings.device,
+                forms=entry.frozen_form,
+                frozen_bits=settings.frozen_bits,
+            )
             del backbone
+        elif entry.frozen_form == "lean" and model.frozen.frozen_bits != settings.frozen_bits:
+            raise Da3Error(
+                f"setting 'frozen_bits' {settings.frozen_bits}: the model given holds its frozen "
+                f"weights in {model.frozen.frozen_bits} bits"
+            )
         if name in model.domains:
             model.remove(name)
         domain = model.add_domain(

@@ -22,7 +22,7 @@ from da3.backbones import create_backbone
 from da3.bench.common import config_is_current
 from da3.domains import MultiDomainModel
 from da3.io import read_json
-from da3.methods import FrozenBackbone
+from da3.methods import FrozenBackbone, get_method
 from da3.store import DomainStore
 from da3.training import TrainSettings, train_domain
 
@@ -50,6 +50,8 @@ def train_one(
     ``extra``: other :class:`~da3.training.TrainSettings` values (``cache_features``,
     ``micro_batch``, ...)."""
     seed = protocol["seed"] if seed is None else seed
+    # frozen_bits: for what reads the lean form (finetune trains its float32 weights)
+    lean = get_method(method).frozen_form == "lean"
     values = dict(
         domain=name,
         data=domain,
@@ -62,6 +64,7 @@ def train_one(
         seed=seed,
         augment=protocol.get("augment", True),
         device=device,
+        frozen_bits=frozen.frozen_bits if lean else 32,
         method_config=dict(overrides),
     )
     settings = TrainSettings(**{**values, **(extra or {})})
@@ -140,7 +143,10 @@ def run_accuracy(
     todo = [(d, m, s) for d in domains for s in seeds for m in methods if (m, d, s) not in done]
     if not todo:
         return records
-    frozen = FrozenBackbone(create_backbone(protocol["backbone"], protocol["weights"]).to(device))
+    frozen = FrozenBackbone(
+        create_backbone(protocol["backbone"], protocol["weights"]).to(device),
+        frozen_bits=protocol.get("frozen_bits", 32),
+    )
     for i, (d, m, s) in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {m} on {d}, seed {s} ...", end=" ", flush=True)
         t0 = time.perf_counter()

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from da3.errors import Da3Error
 
+RUN_SETTINGS = ("frozen_bits",)  # what --set takes besides METHOD.key
+
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
@@ -54,7 +56,8 @@ def register(commands) -> None:
         action="append",
         default=[],
         metavar="METHOD.key=value",
-        help="method config override (changes the protocol: results go under the tag 'custom')",
+        help="method config override, or frozen_bits=32|16|8 (the frozen backbone's weights "
+        "for every lean method); changes the protocol: results go under the tag 'custom'",
     )
     p.add_argument(
         "--profiles",
@@ -93,11 +96,17 @@ def _run(args) -> int:
         if s not in STAGES:
             raise Da3Error(f"unknown stage {s!r}; choose from {', '.join(STAGES)}")
     overrides: dict[str, dict] = {}
+    run_settings: dict = {}
     for item in args.set:
         key, eq, value = item.partition("=")
+        if key.strip().replace("-", "_") in RUN_SETTINGS and eq:
+            from da3.precision import frozen_bits_value
+
+            run_settings["frozen_bits"] = frozen_bits_value(value)
+            continue
         method, dot, name = key.partition(".")
         if not (eq and dot and name):
-            raise Da3Error(f"--set {item!r}: expected METHOD.key=value")
+            raise Da3Error(f"--set {item!r}: expected METHOD.key=value or frozen_bits=N")
         overrides.setdefault(method, {})[name] = value
     for method, values in overrides.items():
         parse_config(method, values)  # bad keys and values fail now, not an hour later
@@ -116,7 +125,9 @@ def _run(args) -> int:
         preset = {**preset, "seeds": parse_seeds(args.seeds)}
     if args.threads:
         torch.set_num_threads(args.threads)
-    tag = "custom" if overrides else args.preset
+    if run_settings.get("frozen_bits", 32) != 32:  # 32 is the protocol as it was
+        preset = {**preset, "accuracy": {**preset["accuracy"], **run_settings}}
+    tag = "custom" if (overrides or "frozen_bits" in preset["accuracy"]) else args.preset
     run_bench(
         tag,
         preset,

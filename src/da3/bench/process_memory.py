@@ -175,11 +175,19 @@ def train_run(
     ]
     if micro_batch:
         argv += ["--micro-batch", str(micro_batch)]
+    from da3.methods.base import get_method
+
+    bits = spec.get("frozen_bits", 32)
+    if bits != 32 and get_method(method).frozen_form == "lean":
+        argv += ["--frozen-bits", str(bits)]
+    else:
+        bits = 32
     wait4, _, _, seconds = _run(argv, env)
     history = json.loads((store / "runs" / name / "history.json").read_text())
     memory = history["memory"]
     return {
         "method": method,
+        "frozen_bits": bits,
         "micro_batch": micro_batch or spec["batch_size"],
         "vmhwm_bytes": memory["peak_bytes"],
         "wait4_bytes": wait4,
@@ -316,8 +324,10 @@ def markdown_table(result: dict) -> str:
         ]
         for r in rows:
             above = r["vmhwm_above_floor_bytes"]
+            bits = r.get("frozen_bits", 32)
+            label = r["method"] + (f" ({bits}-bit frozen)" if bits != 32 else "")
             lines.append(
-                f"| {r['method']} | {r['micro_batch']} | {above / MiB:.1f} MiB | "
+                f"| {label} | {r['micro_batch']} | {above / MiB:.1f} MiB | "
                 f"{_ratio(ft8, above)} | {_ratio(ft1, above)} | "
                 f"{r['wait4_above_floor_bytes'] / MiB:.1f} MiB | "
                 f"{r['frozen_weights_bytes'] / MiB:.1f} MiB | "

@@ -190,6 +190,7 @@ def run_bench(
                 device=device,
                 config_overrides=overrides,
                 progress=lambda msg: print(f"  {msg}", flush=True),
+                frozen_bits=protocol.get("frozen_bits", 32),
             )
             pinfo = {k: v for k, v in info.items() if k != "stage_seconds"}
             pinfo["stage_seconds"] = {"profile": round(time.perf_counter() - t0, 1)}
@@ -211,7 +212,8 @@ def run_bench(
         if path.is_file() and same_gating_protocol(read_json(path).get("protocol"), gprotocol):
             records = read_json(path)["records"]
         frozen = FrozenBackbone(
-            create_backbone(protocol["backbone"], protocol["weights"]).to(device)
+            create_backbone(protocol["backbone"], protocol["weights"]).to(device),
+            frozen_bits=protocol.get("frozen_bits", 32),
         )
         seed = preset["seeds"][0]
 
@@ -254,12 +256,15 @@ def run_bench(
     if "memory" in stages and "memory" in preset and device == "cpu":
         name = f"bench_{tag}_memory"
         path = results / f"{name}.json"
-        spec = {**preset["memory"], "methods": methods}
+        mspec = dict(preset["memory"])
+        if protocol.get("frozen_bits", 32) != 32:
+            mspec["frozen_bits"] = protocol["frozen_bits"]
+        spec = {**mspec, "methods": methods}
         if not (path.is_file() and read_json(path).get("spec") == spec):
             print("memory: real `da3 train` processes, one per method", flush=True)
             t0 = time.perf_counter()
             result = process_memory.run_process_memory(
-                methods, preset["memory"], progress=lambda m: print(f"  {m}", flush=True)
+                methods, mspec, progress=lambda m: print(f"  {m}", flush=True)
             )
             minfo = {k: v for k, v in info.items() if k != "stage_seconds"}
             minfo["stage_seconds"] = {"memory": round(time.perf_counter() - t0, 1)}

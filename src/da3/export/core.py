@@ -17,6 +17,12 @@ multiplied by the per-sample decision (PyTorch runs it on the open samples only:
 values). ``gates="static"``: the frozen branch always runs, times the decision (same logits, no
 control flow, no saving).
 
+Frozen weights stored in 8 bits (``frozen_bits=8``, :mod:`da3.lean.ops`) stay int8 in an ONNX
+file: each such convolution becomes a ``DequantizeLinear`` (per output channel, zero point 0:
+weight-only, the activations stay float) feeding its ``Conv``, so the file holds the int8
+weights and their scales, and onnxruntime computes the same float weights PyTorch does. In
+TorchScript (and at 16 bits) the weights are written as the float values they stand for.
+
 Every export checks itself before the file is in place: the written file is run (onnxruntime /
 ``torch.jit.load``) on the given samples, one at a time and as one batch, and its logits must be
 within ``TOLERANCE`` of PyTorch's with the same top-1; otherwise nothing is written.
@@ -39,12 +45,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from da3 import __version__
 from da3.backbones import Backbone
+from da3.backbones.base import pad_same
 from da3.errors import Da3Error
 from da3.io import read_json, write_json
+from da3.lean import LeanConv2d, frozen_bits_of
+from da3.lean.ops import INT8_MAX
 from da3.methods import AdaptedModel
 from da3.methods.base import ExportContext
 
@@ -97,6 +107,48 @@ def _lean_backbones(model: nn.Module) -> None:
             _set_module(model, name, lean)
 
 
+class DequantizeConv2d(nn.Module):
+    """The ONNX form of a lean convolution whose weight is stored in int8: a per-channel
+    dequantization (``quantized_decomposed.dequantize_per_channel``, which the ONNX exporter
+    writes as one ``DequantizeLinear`` node on the int8 initializer) and the convolution.
+    The same values as :class:`~da3.lean.LeanConv2d` without gradient."""
+
+    def __init__(self, conv: LeanConv2d) -> None:
+        super().__init__()
+        if conv.weight_scale is None:
+            raise ValueError("DequantizeConv2d: the weight is not stored in int8")
+        self.register_buffer("weight", conv.weight)
+        self.register_buffer("weight_scale", conv.weight_scale)
+        self.register_buffer("zero_point", torch.zeros_like(conv.weight_scale, dtype=torch.int64))
+        self.bias = conv.bias
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups, self.same_pad = conv.dilation, conv.groups, conv.same_pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.same_pad:
+            x = pad_same(x, tuple(self.weight.shape[-2:]), self.stride)
+        w = torch.ops.quantized_decomposed.dequantize_per_channel(
+            self.weight, self.weight_scale, self.zero_point, 0, -INT8_MAX, INT8_MAX, torch.int8
+        )
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _int8_forms(m: nn.Module) -> int:
+    """Give every int8-stored lean convolution under ``m`` its ONNX form; how many."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_decomposed
+
+    names = [n for n, c in m.named_modules() if isinstance(c, LeanConv2d) and c.bits == 8]
+    for name in names:
+        _set_module(m, name, DequantizeConv2d(m.get_submodule(name)))
+    return len(names)
+
+
+def frozen_bits_of_model(model: nn.Module) -> int:
+    """The bits the frozen convolutions of a domain's model are stored in (32 when it has
+    none of its own, e.g. ``finetune``, whose backbone is trained)."""
+    return frozen_bits_of(model) or 32
+
+
 @torch.no_grad()
 def inference_module(model: AdaptedModel, fmt: str, gates: str, example: torch.Tensor) -> nn.Module:
     """A copy of ``model`` ready to export: eval mode, frozen, plain operations (the lean ops
@@ -118,6 +170,8 @@ def inference_module(model: AdaptedModel, fmt: str, gates: str, example: torch.T
     # skip their branch): ``export_form(ExportContext) -> nn.Module`` replaces it.
     names = [n for n, sub in m.named_modules() if n and callable(getattr(sub, "export_form", None))]
     if not names:
+        if fmt == "onnx":
+            _int8_forms(m)
         return m
     inputs: dict[str, torch.Tensor] = {}  # each such module's input, for its shapes
     hooks = [
@@ -135,6 +189,8 @@ def inference_module(model: AdaptedModel, fmt: str, gates: str, example: torch.T
         for name in reversed(names):  # the innermost first: an outer form takes them in
             form = m.get_submodule(name).export_form(ExportContext(fmt, gates, inputs[name]))
             _set_module(m, name, form)
+    if fmt == "onnx":
+        _int8_forms(m)  # the lean convolutions, wherever the forms put them
     return m
 
 
@@ -220,14 +276,27 @@ def _torchscript_bytes(module: nn.Module, example: torch.Tensor, metadata: dict)
     return buf.getvalue()
 
 
-def open_runner(path: str | Path, fmt: str, threads: int = 0) -> Callable:
+# onnxruntime keeps weight-only DequantizeLinear nodes (for quantized execution providers) and
+# runs them at every inference, about 2.5x the latency of float weights at batch 1 on a CPU;
+# with this entry its constant folding turns them into float weights once, when the session
+# opens: the same values, a small file on disk, float speed.
+ORT_FOLD_DEQUANTIZE = ("session.disable_quant_qdq", "1")
+
+
+def open_runner(
+    path: str | Path, fmt: str, threads: int = 0, fold_dequantize: bool = True
+) -> Callable:
     """A function ``float tensor N x 3 x S x S -> logits tensor`` running the exported file
-    with its own runtime (onnxruntime, or ``torch.jit.load``); ``threads``: 0 = default."""
+    with its own runtime (onnxruntime, or ``torch.jit.load``); ``threads``: 0 = default;
+    ``fold_dequantize``: onnxruntime folds int8 weights' DequantizeLinear nodes when the
+    session opens (:data:`ORT_FOLD_DEQUANTIZE`) instead of running them each time."""
     check_format(fmt)
     if fmt == "onnx":
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
+        if fold_dequantize:
+            opts.add_session_config_entry(*ORT_FOLD_DEQUANTIZE)
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
@@ -421,6 +490,8 @@ def export_model(
     mode = gates if has_gates else "none"
     metadata = dict(metadata, gates=mode, export_format=fmt)
     metadata["gated_blocks"] = gated
+    # the precision of the frozen weights exported (and checked against PyTorch at it)
+    metadata["frozen_bits"] = frozen_bits_of_model(model)
     example = samples[:2]
     try:
         say("building the inference graph" + (f" ({mode} gates)" if has_gates else ""))

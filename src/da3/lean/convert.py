@@ -14,6 +14,7 @@ from da3.lean.ops import (
     LeanMaxPool2d,
     LeanReLU,
     LeanReLU6,
+    check_frozen_bits,
 )
 
 LEAN_TYPES = (LeanConv2d, LeanAffine, LeanReLU, LeanMaxPool2d, GlobalAvgPool)
@@ -78,11 +79,39 @@ def convert_module(m: nn.Module) -> nn.Module:
     raise TypeError(f"no lean equivalent for {type(m).__name__}; add one in da3.lean")
 
 
-def to_lean(backbone: Backbone, *, consume: bool = False) -> Backbone:
+def store_frozen_weights(module: nn.Module, bits: int) -> int:
+    """Store the weight of every lean convolution under ``module`` in ``bits`` (32, 16, 8;
+    :meth:`LeanConv2d.stored_in`), in place, one convolution at a time; returns how many
+    changed. Only lean convolutions change: a method's own modules are left as they are."""
+    bits = check_frozen_bits(bits)
+    changed = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, LeanConv2d):
+            stored = child.stored_in(bits)
+            if stored is not child:
+                setattr(module, name, stored)  # the float one is released here
+                changed += 1
+        else:
+            changed += store_frozen_weights(child, bits)
+    return changed
+
+
+def frozen_bits_of(module: nn.Module) -> int | None:
+    """The bits the lean convolutions under ``module`` are stored in (None: there are none);
+    ValueError if they differ."""
+    found = {m.bits for m in module.modules() if isinstance(m, LeanConv2d)}
+    if len(found) > 1:
+        raise ValueError(f"lean convolutions stored in several precisions: {sorted(found)}")
+    return found.pop() if found else None
+
+
+def to_lean(backbone: Backbone, *, consume: bool = False, frozen_bits: int = 32) -> Backbone:
     """A lean copy of ``backbone``.
 
     Every convolution is fused with the batch norm that follows it; all tensors of the copy
     are frozen (``requires_grad=False``). The classifier is kept as it is, frozen.
+    ``frozen_bits``: the convolution weights are stored in 32, 16 or 8 bits (see
+    :func:`da3.lean.ops.quantize_weight`), each converted as it is made.
 
     ``consume=True`` converts part by part and takes each converted part out of
     ``backbone`` as it goes (and leaves out the ImageNet classifier, which no domain uses):
@@ -90,8 +119,15 @@ def to_lean(backbone: Backbone, *, consume: bool = False) -> Backbone:
     twice. ``backbone`` is left empty; use it no more.
     """
 
+    frozen_bits = check_frozen_bits(frozen_bits)
+
     def convert(owner: nn.Module, name: str) -> nn.Module:
         lean = convert_module(getattr(owner, name))
+        if frozen_bits != 32:
+            if isinstance(lean, LeanConv2d):
+                lean = lean.stored_in(frozen_bits)
+            else:
+                store_frozen_weights(lean, frozen_bits)
         if consume:
             setattr(owner, name, nn.Identity())  # the stock part is released here
         return lean

@@ -8,7 +8,8 @@ only what the input gradient really needs:
 ==================  ===============================================================
 layer               kept for backward
 ==================  ===============================================================
-LeanConv2d          nothing but the (frozen, shared) weight; batch norm folded in
+LeanConv2d          nothing but the (frozen, shared) weight; batch norm folded in;
+                    the weight stored in 32, 16 or 8 bits (below)
 LeanReLU / ReLU6    a 1-bit mask, packed 8 per byte
 LeanMaxPool2d       the arg-max position inside its window, one byte per output
 GlobalAvgPool       nothing (``mean`` keeps only the shape)
@@ -17,6 +18,23 @@ lean_adaptive_...   nothing (the backward kernel needs only the input's shape)
 ==================  ===============================================================
 
 Forward values and input gradients equal the stock modules' to float32 rounding.
+
+The frozen weights themselves (the largest thing a lean training run holds once the
+activations are gone) can be stored small, since the backbone never changes
+(:func:`quantize_weight`, ``frozen_bits``):
+
+==========  =================================================  ==================
+bits        stored per folded convolution weight                bytes vs float32
+==========  =================================================  ==================
+32          float32 (the default)                               1
+16          float16                                             1/2
+8           int8, symmetric, one float32 scale per out channel  ~1/4
+==========  =================================================  ==================
+
+A stored-small convolution is turned back into float32 one layer at a time, when it runs
+(forward, and the input gradient in backward): only that one layer's float copy is alive,
+and autograd keeps the small weight, not the copy. Biases stay float32 (they may train).
+Values then equal a stock convolution whose weight is the dequantized one.
 """
 
 from __future__ import annotations
@@ -116,23 +134,77 @@ def conv2d_input_grad(shape, weight, grad, stride, padding, dilation, groups) ->
     return F.conv_transpose2d(grad, weight, None, stride, padding, extra, groups, dilation)
 
 
+FROZEN_BITS = (32, 16, 8)
+INT8_MAX = 127  # symmetric: -127..127 (-128 unused, so that q and -q both exist)
+
+
+def check_frozen_bits(bits) -> int:
+    """``bits`` as one of :data:`FROZEN_BITS`; ValueError otherwise."""
+    if isinstance(bits, bool) or bits not in FROZEN_BITS:
+        raise ValueError(f"frozen_bits must be 32, 16 or 8, got {bits!r}")
+    return int(bits)
+
+
+@torch.no_grad()
+def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A convolution weight stored in ``bits``: (stored tensor, per-output-channel scale).
+
+    32: the weight itself, no scale. 16: float16, no scale (a value beyond float16's range
+    is refused). 8: int8 ``q = round(w / s)`` with ``s = max|w| / 127`` per output channel
+    (symmetric; a channel of zeros gets ``s = 1``), and ``s`` as float32.
+    """
+    bits = check_frozen_bits(bits)
+    if bits == 32:
+        return weight, None
+    if bits == 16:
+        if weight.abs().max() > torch.finfo(torch.float16).max:
+            raise ValueError("a frozen weight exceeds float16's range; use 8 or 32 bits")
+        return weight.to(torch.float16).contiguous(), None
+    w = weight.float()
+    amax = w.abs().amax(dim=tuple(range(1, w.dim())))
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    q = torch.round(w / scale.view(shape)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q.contiguous(), scale
+
+
+def dequantize_weight(
+    weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The float weight a stored one stands for (:func:`quantize_weight`), in ``dtype``; a
+    weight already in ``dtype`` is returned as it is (no copy)."""
+    if scale is not None:
+        # int8 x float: one multiply that writes the float copy (type promotion, no cast pass)
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        return torch.mul(weight, scale.to(dtype).view(shape))
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def weight_bits(weight: torch.Tensor) -> int:
+    """The frozen bits a stored weight stands for (32, 16 or 8)."""
+    return {torch.int8: 8, torch.float16: 16, torch.bfloat16: 16}.get(weight.dtype, 32)
+
+
 class _FrozenConv2dFn(Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        ctx.save_for_backward(weight)
+    def forward(ctx, x, weight, scale, bias, stride, padding, dilation, groups):
+        # The stored (possibly small) weight is kept, never its float copy.
+        ctx.save_for_backward(weight, scale)
         ctx.conf = (x.shape, stride, padding, dilation, groups)
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        w = dequantize_weight(weight, scale, x.dtype)
+        return F.conv2d(x, w, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
+        weight, scale = ctx.saved_tensors
         shape, stride, padding, dilation, groups = ctx.conf
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = conv2d_input_grad(shape, weight, grad, stride, padding, dilation, groups)
-        if ctx.needs_input_grad[2]:
+            w = dequantize_weight(weight, scale, grad.dtype)
+            grad_x = conv2d_input_grad(shape, w, grad, stride, padding, dilation, groups)
+        if ctx.needs_input_grad[3]:
             grad_bias = grad.sum((0, 2, 3))
-        return grad_x, None, grad_bias, None, None, None, None
+        return grad_x, None, None, grad_bias, None, None, None, None
 
 
 class LeanConv2d(nn.Module):
@@ -141,6 +213,10 @@ class LeanConv2d(nn.Module):
     Its weight is a buffer, never trained; backward computes the input gradient by
     transposed convolution from the weight alone. The bias may be made trainable
     (``bias.requires_grad``), whose gradient needs nothing kept either.
+
+    ``weight`` is the weight as stored: float32, float16, or int8 with ``weight_scale``
+    (one float32 per output channel; None otherwise), see :func:`quantize_weight` and
+    :meth:`stored_in`; :meth:`float_weight` is the float weight it stands for.
     """
 
     def __init__(
@@ -152,9 +228,15 @@ class LeanConv2d(nn.Module):
         dilation: tuple[int, int],
         groups: int,
         same_pad: bool = False,
+        weight_scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        if (weight.dtype == torch.int8) != (weight_scale is not None):
+            raise ValueError("LeanConv2d: an int8 weight needs weight_scale, no other does")
         self.register_buffer("weight", weight.detach())
+        self.register_buffer(
+            "weight_scale", None if weight_scale is None else weight_scale.detach()
+        )
         self.bias = nn.Parameter(bias.detach(), requires_grad=False)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.same_pad = same_pad
@@ -174,6 +256,36 @@ class LeanConv2d(nn.Module):
             same_pad=getattr(conv, "same_pad", False),
         )
 
+    def stored_in(self, bits: int) -> LeanConv2d:
+        """This convolution with its weight stored in ``bits`` (:func:`quantize_weight`),
+        from its float weight; the bias and the geometry are shared, not copied. Itself
+        when it is stored so already."""
+        if bits == self.bits:
+            return self
+        weight, scale = quantize_weight(self.float_weight(), bits)
+        conv = LeanConv2d(
+            weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.same_pad,
+            weight_scale=scale,
+        )
+        conv.bias = self.bias
+        return conv
+
+    @property
+    def bits(self) -> int:
+        """The bits its weight is stored in: 32, 16 or 8."""
+        return weight_bits(self.weight)
+
+    def float_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight the stored one stands for (a new tensor unless stored in
+        ``dtype``, by default the bias's)."""
+        return dequantize_weight(self.weight, self.weight_scale, dtype or self.bias.dtype)
+
     @property
     def in_channels(self) -> int:
         return self.weight.shape[1] * self.groups
@@ -186,11 +298,17 @@ class LeanConv2d(nn.Module):
         if self.same_pad:
             x = pad_same(x, tuple(self.weight.shape[-2:]), self.stride)
         if not (x.requires_grad or self.bias.requires_grad):
-            return F.conv2d(
-                x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
-            )
+            w = dequantize_weight(self.weight, self.weight_scale, x.dtype)
+            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return _FrozenConv2dFn.apply(
-            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+            x,
+            self.weight,
+            self.weight_scale,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
         )
 
     def extra_repr(self) -> str:
@@ -198,6 +316,7 @@ class LeanConv2d(nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={k}, stride={self.stride}, "
             f"padding={'same' if self.same_pad else self.padding}, groups={self.groups}"
+            + ("" if self.bits == 32 else f", frozen_bits={self.bits}")
         )
 
 

@@ -120,14 +120,14 @@ class AdaptedConv(nn.Module):
         super().__init__()
         self.conv = conv  # shared, frozen
         self.kind = kind
-        self.dbn = DomainAffine(conv.out_channels, conv.weight)
+        self.dbn = DomainAffine(conv.out_channels, conv.bias)  # float, whatever the weight's bits
         self.adapter: nn.Module | None = None
         if kind == "series":
             c = conv.out_channels
-            self.adapter = _zero_conv1x1(c, c, (1, 1), 1, conv.weight)
+            self.adapter = _zero_conv1x1(c, c, (1, 1), 1, conv.bias)
         elif kind == "parallel":
             self.adapter = _zero_conv1x1(
-                conv.in_channels, conv.out_channels, conv.stride, conv.groups, conv.weight
+                conv.in_channels, conv.out_channels, conv.stride, conv.groups, conv.bias
             )
         elif kind is not None:
             raise ValueError(f"AdaptedConv: unknown kind {kind!r}")

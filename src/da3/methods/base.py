@@ -15,7 +15,7 @@ from torch import nn
 
 from da3.backbones import Backbone, weights_fingerprint
 from da3.errors import Da3Error
-from da3.lean import to_lean
+from da3.lean import FROZEN_BITS, to_lean
 
 FROZEN_FORMS = ("both", "lean", "stock")
 
@@ -37,15 +37,22 @@ class FrozenBackbone:
     * ``"stock"``: no lean form; the stock network may be handed, without a copy, to the one
       model that trains it (:meth:`trainable_copy`, ``finetune`` in a run of its own).
 
-    The fingerprint is always that of the stock weights as loaded (for ``"lean"`` and
-    ``"stock"``, taken before they are converted or trained).
+    ``frozen_bits`` (32, 16 or 8): the precision the lean form stores its convolution
+    weights in (float32, float16, int8 with a scale per output channel; see
+    :mod:`da3.lean.ops`). The stock form stays float32 (``finetune`` trains it).
+
+    The fingerprint is always that of the float32 stock weights as loaded (for ``"lean"``
+    and ``"stock"``, taken before they are converted or trained), whatever ``frozen_bits``.
     """
 
-    def __init__(self, backbone: Backbone, forms: str = "both") -> None:
+    def __init__(self, backbone: Backbone, forms: str = "both", frozen_bits: int = 32) -> None:
         if forms not in FROZEN_FORMS:
             raise Da3Error(f"frozen forms {forms!r}: choose from {', '.join(FROZEN_FORMS)}")
+        if isinstance(frozen_bits, bool) or frozen_bits not in FROZEN_BITS:
+            raise Da3Error(f"frozen_bits must be 32, 16 or 8, got {frozen_bits!r}")
         backbone.requires_grad_(False).eval()
         self.forms = forms
+        self.frozen_bits = int(frozen_bits)
         self.name = backbone.name
         self.feature_dim = backbone.feature_dim
         self.preprocess = backbone.preprocess
@@ -56,7 +63,7 @@ class FrozenBackbone:
         if forms != "both":
             self.__dict__["fingerprint"] = weights_fingerprint(backbone)  # before it changes
         if forms == "lean":
-            self._lean = to_lean(backbone, consume=True)
+            self._lean = to_lean(backbone, consume=True, frozen_bits=self.frozen_bits)
             self._stock = None
 
     @property
@@ -78,7 +85,7 @@ class FrozenBackbone:
                     "(frozen forms 'stock'); create the model with forms='both' to use a "
                     "method that needs the lean form"
                 )
-            self._lean = to_lean(self.stock)
+            self._lean = to_lean(self.stock, frozen_bits=self.frozen_bits)
         return self._lean
 
     def trainable_copy(self) -> Backbone:
@@ -97,11 +104,15 @@ class FrozenBackbone:
         """The forms in memory now."""
         return [b for b in (self._stock, self._lean) if b is not None]
 
-    def weight_bytes(self) -> int:
-        """Bytes of the frozen tensors held (each storage once)."""
+    def weight_bytes(self, form: str | None = None) -> int:
+        """Bytes of the frozen tensors held (each storage once): of every form held, or of
+        one (``"lean"``, ``"stock"``; 0 if that one is not held)."""
+        held = self.held()
+        if form is not None:
+            held = [b for b in (self._lean if form == "lean" else self._stock,) if b is not None]
         storages = {
             t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-            for b in self.held()
+            for b in held
             for t in list(b.parameters()) + list(b.buffers())
         }
         return sum(storages.values())

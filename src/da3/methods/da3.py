@@ -308,10 +308,9 @@ class DA3Model(AdaptedModel):
 
 
 def _probe(backbone: Backbone, image_size: int) -> torch.Tensor:
-    """A zero image on the backbone's device, in its dtype."""
-    t = next(iter(backbone.buffers()), None)
-    if t is None:
-        t = next(backbone.parameters())
+    """A zero image on the backbone's device, in its (float) dtype."""
+    tensors = [*backbone.buffers(), *backbone.parameters()]
+    t = next((t for t in tensors if t.is_floating_point() and t.element_size() >= 4), tensors[0])
     return torch.zeros(1, 3, image_size, image_size, dtype=t.dtype, device=t.device)
 
 

@@ -41,7 +41,7 @@ from torch.autograd import Function
 
 from da3.backbones.base import same_padding
 from da3.errors import Da3Error
-from da3.lean import LeanConv2d, pack_bits, share_clone, unpack_bits
+from da3.lean import LeanConv2d, dequantize_weight, pack_bits, share_clone, unpack_bits
 from da3.methods.base import (
     AdaptedModel,
     BackboneFeatures,
@@ -91,17 +91,21 @@ class _MaskedConv2dFn(Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scores, weight, bias, threshold, pad, stride, padding, dilation, groups):
-        ctx.save_for_backward(x, scores, weight)
+    def forward(
+        ctx, x, scores, weight, scale, bias, threshold, pad, stride, padding, dilation, groups
+    ):
+        # the weight as stored (8/16 bits too), turned into float here and again in backward
+        ctx.save_for_backward(x, scores, weight, scale)
         ctx.conf = (threshold, pad, stride, padding, dilation, groups)
         xp = F.pad(x, pad) if any(pad) else x
-        w = weight * (scores > threshold)
+        w = dequantize_weight(weight, scale, x.dtype) * (scores > threshold)
         return F.conv2d(xp, w, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
-        x, scores, weight = ctx.saved_tensors
+        x, scores, weight, scale = ctx.saved_tensors
         threshold, pad, stride, padding, dilation, groups = ctx.conf
+        weight = dequantize_weight(weight, scale, x.dtype)
         xp = F.pad(x, pad) if any(pad) else x
         grad_x = grad_scores = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -117,9 +121,9 @@ class _MaskedConv2dFn(Function):
                 xp, weight.shape, grad, stride, padding, dilation, groups
             )
             grad_scores = grad_w * weight  # d(W*m)/dm = W; the threshold passes straight
-        if ctx.needs_input_grad[3]:
+        if ctx.needs_input_grad[4]:
             grad_bias = grad.sum((0, 2, 3))
-        return grad_x, grad_scores, None, grad_bias, None, None, None, None, None, None
+        return grad_x, grad_scores, None, None, grad_bias, None, None, None, None, None, None
 
 
 class MaskedConv2d(nn.Module):
@@ -138,12 +142,13 @@ class MaskedConv2d(nn.Module):
         self, conv: LeanConv2d, score_init: float, threshold: float, train_shift: bool = False
     ) -> None:
         super().__init__()
-        self.register_buffer("weight", conv.weight)
+        self.register_buffer("weight", conv.weight)  # as stored: float32, float16 or int8
+        self.register_buffer("weight_scale", conv.weight_scale)
         self.register_buffer("bias", conv.bias.detach())
         self.stride, self.padding = conv.stride, conv.padding
         self.dilation, self.groups, self.same_pad = conv.dilation, conv.groups, conv.same_pad
         self.score_init, self.threshold = score_init, threshold
-        self.scores = nn.Parameter(torch.full_like(conv.weight, score_init))
+        self.scores = nn.Parameter(conv.bias.new_full(conv.weight.shape, score_init))
         self.shift = nn.Parameter(torch.zeros_like(self.bias)) if train_shift else None
 
     def _bias(self) -> torch.Tensor:
@@ -181,6 +186,7 @@ class MaskedConv2d(nn.Module):
                 x,
                 self.scores,
                 self.weight,
+                self.weight_scale,
                 bias,
                 self.threshold,
                 pad,
@@ -189,7 +195,7 @@ class MaskedConv2d(nn.Module):
                 self.dilation,
                 self.groups,
             )
-        w = self.weight * self.mask()
+        w = dequantize_weight(self.weight, self.weight_scale, x.dtype) * self.mask()
         xp = F.pad(x, pad) if any(pad) else x
         return F.conv2d(xp, w, bias, self.stride, self.padding, self.dilation, self.groups)
 
