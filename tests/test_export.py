@@ -458,7 +458,7 @@ def env(store, monkeypatch):
 
 
 def domain_logits(store: Path, name: str, x: torch.Tensor) -> torch.Tensor:
-    from da3.commands import _open
+    from da3.commands import _open_domain as _open
 
     model, _ = _open(str(store), name)
     with torch.no_grad():

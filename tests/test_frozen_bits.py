@@ -301,7 +301,7 @@ def test_domain_file_records_the_precision(env8):
 
 
 def test_load_at_the_same_and_another_precision(env8, capsys):
-    from da3.commands import _open
+    from da3.commands import _open_domain as _open
     from da3.domains import DomainStore, MultiDomainModel
 
     store = env8["store"]
@@ -341,7 +341,7 @@ def test_eval_shows_the_precision_and_the_difference(env8, capsys):
 def test_export_at_8_bits_writes_int8_weights_checked_against_pytorch(env8, tmp_path, capsys):
     import onnxruntime as ort
 
-    from da3.commands import _open
+    from da3.commands import _open_domain as _open
 
     store = env8["store"]
     out = tmp_path / "d8.onnx"
