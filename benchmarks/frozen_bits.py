@@ -142,13 +142,7 @@ def stage_memory(old: dict, backbones: list[str]) -> dict:
         for method, bits in (("finetune", 32), ("da3", 32), ("da3", 8)):
             run_spec = {**spec, "frozen_bits": bits}
             r = pm.train_run(folder, work / "store", run_spec, backbone, weights, method, 0, env)
-            r |= {
-                "backbone": backbone,
-                "weights": weights,
-                "floor": floor["modules"],
-                "vmhwm_above_floor_bytes": r["vmhwm_bytes"] - floor["vmhwm_bytes"],
-                "wait4_above_floor_bytes": r["wait4_bytes"] - floor["wait4_bytes"],
-            }
+            r |= pm.above_floor(r, floor, backbone, weights)
             rows.append(r)
             print(
                 f"{backbone} {method} {bits}-bit: {r['vmhwm_above_floor_bytes'] / MiB:.1f} MiB "

@@ -46,3 +46,21 @@ def calibrate_bn(backbone: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
     with torch.no_grad():
         backbone(x)
     return backbone.eval()
+
+
+def cli(*args) -> int:
+    """``da3 ARGS`` through the CLI's entry point, from a fixed seed; its exit code."""
+    from da3.cli import main
+
+    torch.manual_seed(0)
+    return main([str(a) for a in args])
+
+
+def one_error_line(err: str, *needles: str) -> str:
+    """The single ``da3: error:`` line of ``err`` (no traceback), holding every needle."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("da3: error: ") and "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]

@@ -26,9 +26,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import da3.export.core as core
-from conftest import calibrate_bn, randomise_bn
+from conftest import calibrate_bn, cli, one_error_line, randomise_bn
 from da3.backbones import create_backbone
-from da3.cli import main
 from da3.errors import Da3Error
 from da3.export import (
     FORMATS,
@@ -418,20 +417,6 @@ def test_efficientnet_lite0_da3_with_gates(tmp_path):
 
 # ---------------------------------------------------------------------------------------
 # the command line
-
-
-def cli(*args) -> int:
-    torch.manual_seed(0)
-    return main([str(a) for a in args])
-
-
-def one_error_line(err: str, *needles: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("da3: error: ") and "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import randomise_bn
+from conftest import cli, one_error_line, randomise_bn
 from da3.backbones import create_backbone, list_backbones
-from da3.cli import main
 from da3.errors import Da3Error
 from da3.lean import LeanConv2d, dequantize_weight, quantize_weight, to_lean
 from da3.memory import saved_activation_bytes
@@ -40,20 +39,6 @@ TOL = 1e-5
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm())
-
-
-def cli(*args) -> int:
-    torch.manual_seed(0)
-    return main([str(a) for a in args])
-
-
-def one_error_line(err: str, *needles: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("da3: error: ") and "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------

@@ -204,6 +204,18 @@ def train_run(
     }
 
 
+def above_floor(run: dict, floor: dict, backbone: str, weights: str) -> dict:
+    """What a row adds to :func:`train_run`'s record: its backbone, the floor it is read
+    against, and its two peaks above that floor."""
+    return {
+        "backbone": backbone,
+        "weights": weights,
+        "floor": floor["modules"],
+        "vmhwm_above_floor_bytes": run["vmhwm_bytes"] - floor["vmhwm_bytes"],
+        "wait4_above_floor_bytes": run["wait4_bytes"] - floor["wait4_bytes"],
+    }
+
+
 def run_process_memory(
     methods: list[str],
     spec: dict = SPEC,
@@ -241,13 +253,7 @@ def run_process_memory(
         floor = floors["torch+torchvision" if backbone != "efficientnet_lite0" else "torch"]
         for method, micro in runs_for(methods):
             r = train_run(folder, work / "store", spec, backbone, weights, method, micro, env)
-            r |= {
-                "backbone": backbone,
-                "weights": weights,
-                "floor": floor["modules"],
-                "vmhwm_above_floor_bytes": r["vmhwm_bytes"] - floor["vmhwm_bytes"],
-                "wait4_above_floor_bytes": r["wait4_bytes"] - floor["wait4_bytes"],
-            }
+            r |= above_floor(r, floor, backbone, weights)
             rows.append(r)
             progress(
                 f"{backbone} {method} micro-batch {r['micro_batch']}: "
