@@ -196,3 +196,76 @@ def test_random_weights_are_reproducible_and_leave_the_global_rng_alone():
     b = weights_fingerprint(create_backbone("resnet18", "none"))
     assert a == b
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+def _lean_state(backbone, bits):
+    from da3.lean import to_lean
+
+    return to_lean(backbone, consume=True, frozen_bits=bits).state_dict()
+
+
+@pytest.mark.parametrize(
+    "name,weights,fmt",
+    [
+        ("efficientnet_lite0", "imagenet", None),
+        ("resnet18", None, None),
+        ("mobilenet_v2", None, None),
+        ("resnet18", "file", "safetensors"),
+        ("resnet18", "file", "pth"),
+        ("resnet18", "file", "legacy"),
+    ],
+)
+def test_a_lazy_backbone_is_the_same_backbone(name, weights, fmt, tmp_path):
+    """Read a part at a time or all at once: the same fingerprint, the same lean weights
+    bit for bit, from every source of weights."""
+    from da3.backbones.lazy import is_lazy
+
+    if weights == "file":
+        from torchvision.models import resnet18
+
+        torch.manual_seed(3)
+        state = resnet18(weights=None).state_dict()
+        weights = str(tmp_path / f"w.{'safetensors' if fmt == 'safetensors' else 'pth'}")
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state, weights)
+        else:
+            torch.save(state, weights, _use_new_zipfile_serialization=fmt == "pth")
+    eager = create_backbone(name, weights)
+    lazy = create_backbone(name, weights, lazy=True)
+    assert is_lazy(lazy) and not is_lazy(eager)
+    assert weights_fingerprint(lazy) == weights_fingerprint(eager)
+    assert is_lazy(lazy)  # the fingerprint read the weights and kept none
+    for bits in (32, 8):
+        a = _lean_state(create_backbone(name, weights), bits)
+        b = _lean_state(create_backbone(name, weights, lazy=True), bits)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_lazy_backbone_holds_one_layer_of_float32_weights_at_a_time():
+    """Converted to the lean form at 8 bits, a lazy ResNet-18 (44.6 MiB of float32
+    weights) never holds more float32 stock weights than its largest layer (one 3x3
+    convolution of 512 channels and its batch norm: 9.0 MiB)."""
+    from da3.backbones.lazy import named_tensors
+    from da3.lean import to_lean
+
+    backbone = create_backbone("resnet18", None, lazy=True)
+    reader = backbone.weight_reader
+    held = []
+    read = reader._read
+
+    def counting(names):
+        held.append(sum(t.nbytes for _, t in named_tensors(backbone) if not t.is_meta))
+        got = read(names)
+        held[-1] += sum(t.nbytes for t in got.values())
+        return got
+
+    reader._read = counting
+    weights_fingerprint(backbone)
+    to_lean(backbone, consume=True, frozen_bits=8)
+    total = sum(t.nbytes for _, t in named_tensors(create_backbone("resnet18")))
+    assert total > 44 * 2**20
+    largest = 512 * 512 * 9 * 4 + 4 * 512 * 4 + 8
+    assert max(held) <= largest, (max(held), largest)

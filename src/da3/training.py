@@ -439,7 +439,9 @@ def _fit_and_save(
     count = class_count(settings.data, settings.image_size)
     with meter.phase("backbone"):
         if model is None:
-            backbone = create_backbone(settings.backbone, settings.weights)
+            # read a part at a time when only the lean form is held (see FrozenBackbone)
+            lazy = entry.frozen_form == "lean"
+            backbone = create_backbone(settings.backbone, settings.weights, lazy=lazy)
             model = MultiDomainModel(
                 backbone,
                 settings.device,

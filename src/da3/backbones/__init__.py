@@ -16,6 +16,7 @@ Adding a backbone is one function decorated with :func:`register_backbone`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from torch import nn
 
 from da3.backbones.base import IMAGENET_PREPROCESS, Backbone, Block, Preprocess
 from da3.backbones.efficientnet_lite import LITE0_PREPROCESS, EfficientNetLite0, lite0_to_backbone
+from da3.backbones.lazy import attach, chunks, file_reader, materialize, random_reader, reader_of
 from da3.errors import Da3Error
 
 __all__ = [
@@ -67,8 +69,14 @@ def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_backbone(name: str, weights: str | None = None) -> Backbone:
-    """Build backbone ``name`` with ``weights`` (see the module docstring), in eval mode."""
+def create_backbone(name: str, weights: str | None = None, *, lazy: bool = False) -> Backbone:
+    """Build backbone ``name`` with ``weights`` (see the module docstring), in eval mode.
+
+    ``lazy=True``: where the weights can be read a part at a time (a weights file, or the
+    seeded random initialisation of torchvision's architectures), the backbone comes back
+    without them, on the ``meta`` device, and reads each part when it is converted
+    (:mod:`da3.backbones.lazy`; :class:`~da3.methods.FrozenBackbone` with forms ``"lean"``
+    does so); otherwise, and by default, with all of its weights."""
     if name not in _REGISTRY:
         raise Da3Error(f"unknown backbone {name!r}; choose from {', '.join(list_backbones())}")
     if isinstance(weights, str) and weights.lower() in ("none", "random", ""):
@@ -78,33 +86,9 @@ def create_backbone(name: str, weights: str | None = None) -> Backbone:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         backbone = _REGISTRY[name].build(weights)
+    if not lazy:
+        materialize(backbone)
     return backbone.eval()
-
-
-def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise Da3Error(f"{path}: weights file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any decoding failure is the file's fault
-        raise Da3Error(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise Da3Error(f"{path}: not a state dict of tensors")
-    return state
-
-
-def _load_strict(
-    net: nn.Module, state: dict[str, torch.Tensor], source: str, assign: bool = False
-) -> None:
-    try:
-        net.load_state_dict(state, strict=True, assign=assign)
-    except RuntimeError as err:
-        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
-        raise Da3Error(f"{source}: weights do not match the architecture ({first})") from None
 
 
 def lite0_weights_file() -> Path:
@@ -129,26 +113,27 @@ def efficientnet_lite0(weights: str | None) -> Backbone:
     else:
         path = lite0_weights_file() if weights == "imagenet" else Path(weights)
         tag = "imagenet" if weights == "imagenet" else f"file:{path.name}"
-        state = _load_state_dict_file(path)
-        # Built without storage, then given the loaded tensors themselves: the weights
-        # exist once in memory, not as a random initialisation plus a loaded copy.
+        # Built without storage; each part's weights are read from the file when it is
+        # needed (all at once unless the caller converts it part by part).
         with torch.device("meta"):
             net = EfficientNetLite0()
-        _load_strict(net, state, str(path), assign=True)
+        view = lite0_to_backbone(net, preprocess=LITE0_PREPROCESS, weights=tag)
+        return attach(view, net, file_reader(path, _expected(net)), str(path))
     return lite0_to_backbone(net, preprocess=LITE0_PREPROCESS, weights=tag)
 
 
 def _torchvision(
-    arch: str, enum_name: str, weights: str | None
-) -> tuple[nn.Module, str, Preprocess]:
+    arch: str, enum_name: str, weights: str | None, view: Callable[..., Backbone]
+) -> Backbone:
+    """torchvision's ``arch`` seen through ``view(net, preprocess=, weights=)``. Random and
+    file weights are read a part at a time (the view is built on the ``meta`` device);
+    the weights enum's are loaded by torchvision, all at once."""
     # torchvision is imported only when one of its architectures is built: it costs
     # ~180 MiB of resident memory (it pulls in torch._dynamo), which a run on another
     # backbone does not pay.
     from torchvision import models as tvm
 
     builder, enum = getattr(tvm, arch), getattr(tvm, enum_name)
-    if weights is None:
-        return builder(weights=None), "random", IMAGENET_PREPROCESS
     if weights == "imagenet":
         w = enum.DEFAULT
         try:
@@ -160,11 +145,20 @@ def _torchvision(
             ) from None
         t = w.transforms()
         pre = Preprocess(tuple(t.mean), tuple(t.std), int(t.crop_size[0]))
-        return net, f"imagenet:{w.name}", pre
+        return view(net, preprocess=pre, weights=f"imagenet:{w.name}")
+    with torch.device("meta"):
+        net = builder(weights=None)
+    if weights is None:
+        backbone = view(net, preprocess=IMAGENET_PREPROCESS, weights="random")
+        random_reader(backbone, RANDOM_INIT_SEED)
+        return backbone
     path = Path(weights)
-    net = builder(weights=None)
-    _load_strict(net, _load_state_dict_file(path), str(path))
-    return net, f"file:{path.name}", IMAGENET_PREPROCESS
+    backbone = view(net, preprocess=IMAGENET_PREPROCESS, weights=f"file:{path.name}")
+    return attach(backbone, net, file_reader(path, _expected(net)), str(path))
+
+
+def _expected(net: nn.Module) -> dict:
+    return {k: (tuple(t.shape), t.dtype) for k, t in net.state_dict().items()}
 
 
 def _register_resnet(name: str, enum_name: str) -> None:
@@ -172,8 +166,9 @@ def _register_resnet(name: str, enum_name: str) -> None:
     def build(weights: str | None) -> Backbone:
         from da3.backbones.torchvision_models import resnet_to_backbone
 
-        net, tag, pre = _torchvision(name, enum_name, weights)
-        return resnet_to_backbone(net, name=name, preprocess=pre, weights=tag)
+        return _torchvision(
+            name, enum_name, weights, functools.partial(resnet_to_backbone, name=name)
+        )
 
 
 _register_resnet("resnet18", "ResNet18_Weights")
@@ -184,19 +179,27 @@ _register_resnet("resnet50", "ResNet50_Weights")
 def mobilenet_v2(weights: str | None) -> Backbone:
     from da3.backbones.torchvision_models import mobilenet_v2_to_backbone
 
-    net, tag, pre = _torchvision("mobilenet_v2", "MobileNet_V2_Weights", weights)
-    return mobilenet_v2_to_backbone(net, preprocess=pre, weights=tag)
+    return _torchvision("mobilenet_v2", "MobileNet_V2_Weights", weights, mobilenet_v2_to_backbone)
 
 
 def weights_fingerprint(backbone: nn.Module) -> str:
     """SHA-256 over the names, shapes, dtypes and bytes of every parameter and buffer.
 
     Two backbones with the same fingerprint compute the same function; a domain trained on
-    one is refused by a backbone with another.
+    one is refused by a backbone with another. A lazy backbone's weights (see
+    :mod:`da3.backbones.lazy`) are read for it a few MiB at a time, in the same order, so
+    it gets the fingerprint of the same weights built at once.
     """
     h = hashlib.sha256()
-    for key, t in sorted(backbone.state_dict().items()):
-        h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
-        flat = t.detach().cpu().contiguous().reshape(-1)
-        h.update(flat.view(torch.uint8).numpy())  # hashed in place, no copy of the bytes
+    items = sorted(backbone.state_dict(keep_vars=True).items())
+    table, reader = dict(items), reader_of(backbone)
+    for group in chunks(items):
+        waiting = [k for k in group if table[k].is_meta] if reader else []
+        values = reader.read(waiting) if waiting else {}
+        for key in group:
+            t = values.get(key, table[key])
+            h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
+            flat = t.detach().cpu().contiguous().reshape(-1)
+            h.update(flat.view(torch.uint8).numpy())  # hashed in place, no copy of the bytes
+        del values
     return h.hexdigest()

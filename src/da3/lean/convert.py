@@ -7,6 +7,7 @@ import copy
 from torch import nn
 
 from da3.backbones.base import Backbone, Block
+from da3.backbones.lazy import materialize
 from da3.lean.ops import (
     GlobalAvgPool,
     LeanAffine,
@@ -27,56 +28,82 @@ def _is_relu6(m: nn.Module) -> bool:
     )
 
 
-def _convert_sequence(children: list[nn.Module]) -> list[nn.Module]:
-    out: list[nn.Module] = []
-    i = 0
-    while i < len(children):
-        m = children[i]
-        nxt = children[i + 1] if i + 1 < len(children) else None
-        if isinstance(m, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d):
-            out.append(LeanConv2d.from_conv(m, nxt))
-            i += 2
-            continue
-        lean = convert_module(m)
-        if isinstance(lean, LeanReLU) and out and isinstance(out[-1], LeanConv2d):
-            lean.inplace = True  # a convolution's output is read by nothing else
-        out.append(lean)
-        i += 1
-    return out
+class _Converter:
+    """Converts modules to their lean form. ``bits``: each lean convolution is stored so as
+    soon as it is made. ``read``/``drop``: called with the stock modules one lean module is
+    made of, before (their weights are read, for a lazy backbone) and after (they are
+    released), so that only one layer's float32 weights exist at a time."""
+
+    def __init__(self, bits: int = 32, read=None, drop=None) -> None:
+        self.bits, self.read, self.drop = bits, read, drop
+
+    def _made(self, lean: nn.Module, *stock: nn.Module) -> nn.Module:
+        if self.bits != 32 and isinstance(lean, LeanConv2d):
+            lean = lean.stored_in(self.bits)
+        if self.drop is not None:
+            self.drop(*stock)
+        return lean
+
+    def _before(self, *stock: nn.Module) -> None:
+        if self.read is not None:
+            self.read(*stock)
+
+    def sequence(self, children: list[nn.Module]) -> list[nn.Module]:
+        out: list[nn.Module] = []
+        i = 0
+        while i < len(children):
+            m = children[i]
+            nxt = children[i + 1] if i + 1 < len(children) else None
+            if isinstance(m, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d):
+                self._before(m, nxt)
+                out.append(self._made(LeanConv2d.from_conv(m, nxt), m, nxt))
+                i += 2
+                continue
+            lean = self.module(m)
+            if isinstance(lean, LeanReLU) and out and isinstance(out[-1], LeanConv2d):
+                lean.inplace = True  # a convolution's output is read by nothing else
+            out.append(lean)
+            i += 1
+        return out
+
+    def module(self, m: nn.Module) -> nn.Module:
+        if isinstance(m, LEAN_TYPES + _PASS_THROUGH):
+            return m
+        if isinstance(m, Block):
+            act = self.module(m.act)
+            if isinstance(act, LeanReLU):
+                act = type(act)(inplace=True)  # its input is the block's own sum
+            return Block(
+                self.module(m.branch),
+                None if m.shortcut is None else self.module(m.shortcut),
+                act,
+                in_channels=m.in_channels,
+                out_channels=m.out_channels,
+                stride=m.stride,
+                family=m.family,
+            )
+        if isinstance(m, nn.Sequential):
+            return nn.Sequential(*self.sequence(list(m)))
+        if isinstance(m, nn.Conv2d):
+            self._before(m)
+            return self._made(LeanConv2d.from_conv(m), m)
+        if isinstance(m, nn.BatchNorm2d):
+            self._before(m)
+            return self._made(LeanAffine(m), m)
+        if _is_relu6(m):
+            return LeanReLU6()
+        if isinstance(m, nn.ReLU):
+            return LeanReLU()
+        if isinstance(m, nn.MaxPool2d):
+            return LeanMaxPool2d.from_module(m)
+        if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
+            return GlobalAvgPool()
+        raise TypeError(f"no lean equivalent for {type(m).__name__}; add one in da3.lean")
 
 
 def convert_module(m: nn.Module) -> nn.Module:
     """The lean equivalent of one frozen module (recursing into containers)."""
-    if isinstance(m, LEAN_TYPES + _PASS_THROUGH):
-        return m
-    if isinstance(m, Block):
-        act = convert_module(m.act)
-        if isinstance(act, LeanReLU):
-            act = type(act)(inplace=True)  # its input is the block's own sum
-        return Block(
-            convert_module(m.branch),
-            None if m.shortcut is None else convert_module(m.shortcut),
-            act,
-            in_channels=m.in_channels,
-            out_channels=m.out_channels,
-            stride=m.stride,
-            family=m.family,
-        )
-    if isinstance(m, nn.Sequential):
-        return nn.Sequential(*_convert_sequence(list(m)))
-    if isinstance(m, nn.Conv2d):
-        return LeanConv2d.from_conv(m)
-    if isinstance(m, nn.BatchNorm2d):
-        return LeanAffine(m)
-    if _is_relu6(m):
-        return LeanReLU6()
-    if isinstance(m, nn.ReLU):
-        return LeanReLU()
-    if isinstance(m, nn.MaxPool2d):
-        return LeanMaxPool2d.from_module(m)
-    if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
-        return GlobalAvgPool()
-    raise TypeError(f"no lean equivalent for {type(m).__name__}; add one in da3.lean")
+    return _Converter().module(m)
 
 
 def store_frozen_weights(module: nn.Module, bits: int) -> int:
@@ -116,20 +143,36 @@ def to_lean(backbone: Backbone, *, consume: bool = False, frozen_bits: int = 32)
     ``consume=True`` converts part by part and takes each converted part out of
     ``backbone`` as it goes (and leaves out the ImageNet classifier, which no domain uses):
     the frozen weights then exist once, plus one block's new form at a time, instead of
-    twice. ``backbone`` is left empty; use it no more.
+    twice. ``backbone`` is left empty; use it no more. A lazy backbone
+    (:mod:`da3.backbones.lazy`) then reads each part's weights just before converting it:
+    its float32 weights never exist all at once.
     """
 
     frozen_bits = check_frozen_bits(frozen_bits)
+    if not consume:
+        materialize(backbone)  # the stock form stays: read it whole
+        converter = _Converter(frozen_bits)
+    else:
+        path = {id(m): n for n, m in backbone.named_modules(remove_duplicate=False)}
+
+        def read(*stock: nn.Module) -> None:  # a lazy backbone's layer, read when needed
+            for m in stock:
+                materialize(backbone, path[id(m)])
+
+        def drop(*stock: nn.Module) -> None:  # and its float32 weights released once made
+            for m in stock:
+                for key, t in list(m._parameters.items()) + list(m._buffers.items()):
+                    if t is not None:
+                        meta = t.detach().to("meta")
+                        store = m._parameters if key in m._parameters else m._buffers
+                        store[key] = nn.Parameter(meta, False) if key in m._parameters else meta
+
+        converter = _Converter(frozen_bits, read, drop)
 
     def convert(owner: nn.Module, name: str) -> nn.Module:
-        lean = convert_module(getattr(owner, name))
-        if frozen_bits != 32:
-            if isinstance(lean, LeanConv2d):
-                lean = lean.stored_in(frozen_bits)
-            else:
-                store_frozen_weights(lean, frozen_bits)
+        lean = converter.module(getattr(owner, name))
         if consume:
-            setattr(owner, name, nn.Identity())  # the stock part is released here
+            setattr(owner, name, nn.Identity())  # what is left of the stock part goes
         return lean
 
     stem = convert(backbone, "stem")

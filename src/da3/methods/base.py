@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from da3.backbones import Backbone, weights_fingerprint
+from da3.backbones.lazy import materialize
 from da3.errors import Da3Error
 from da3.lean import FROZEN_BITS, to_lean
 
@@ -50,6 +51,8 @@ class FrozenBackbone:
             raise Da3Error(f"frozen forms {forms!r}: choose from {', '.join(FROZEN_FORMS)}")
         if isinstance(frozen_bits, bool) or frozen_bits not in FROZEN_BITS:
             raise Da3Error(f"frozen_bits must be 32, 16 or 8, got {frozen_bits!r}")
+        if forms != "lean":
+            materialize(backbone)  # a lazy backbone (da3.backbones.lazy) read whole
         backbone.requires_grad_(False).eval()
         self.forms = forms
         self.frozen_bits = int(frozen_bits)
