@@ -661,3 +661,24 @@ def test_head_only_steps(fraction, steps, total, wait):
     assert da3.train.head_only_steps(cfg, total) == wait
     # methods without the settings never wait
     assert da3.train.head_only_steps(make_config("finetune"), total) == 0
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_open_domain_can_hold_only_the_form_its_method_reads(store, bits):
+    """forms="own" (what da3 eval and predict use): a da3 domain comes back on the lean
+    form alone, read a layer at a time, and gives the same logits as on both forms."""
+    from da3.domains import open_domain
+
+    m = MultiDomainModel(create_backbone("resnet18", "none"), frozen_bits=bits)
+    m.add_domain("r", ["x", "y", "z"], "da3", {"blocks": "all"}, image_size=SIZE, seed=0)
+    train_some(m, "r", seed=5)
+    m.save("r", store)
+    x = images(4, seed=6)
+    both, _ = open_domain(store, "r")
+    own, _ = open_domain(store, "r", forms="own")
+    assert both.frozen.forms == "both" and own.frozen.forms == "lean"
+    assert len(own.frozen.held()) == 1 and own.frozen.fingerprint == m.frozen.fingerprint
+    expected = m.logits(x, "r")
+    assert distinct_rows(expected)
+    assert torch.equal(own.logits(x, "r"), expected)
+    assert torch.equal(both.logits(x, "r"), expected)

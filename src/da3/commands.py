@@ -409,7 +409,8 @@ def _open_domain(store_dir: str, name: str, device: str = "cpu", frozen_bits: in
     the precision the domain was trained with; another one is allowed and noted on stderr)."""
     from da3.domains import open_domain
 
-    model, store = open_domain(store_dir, name, device, frozen_bits)
+    # the backbone in the one form the domain's method reads: its weights held once
+    model, store = open_domain(store_dir, name, device, frozen_bits, forms="own")
     note = model.precision_note(name)
     if note:
         print(note, file=sys.stderr)

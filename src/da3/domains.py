@@ -35,6 +35,7 @@ from da3.methods import (
     FrozenBackbone,
     MethodConfig,
     build_model,
+    get_method,
     parse_config,
     with_legacy,
 )
@@ -315,22 +316,33 @@ def data_source(data) -> str:
     return str(Path(data.source).absolute()) if data.source else data.name
 
 
-def open_domain(store, name: str, device: str = "cpu", frozen_bits: int | None = None):
+def open_domain(
+    store, name: str, device: str = "cpu", frozen_bits: int | None = None, forms: str = "both"
+):
     """A saved domain, ready to use: (a :class:`MultiDomainModel` on the backbone the domain
     was trained on, holding the domain ``name``; the :class:`DomainStore`). ``store``: the
     store or its folder. ``frozen_bits``: the frozen weights' precision (default: the one the
-    domain was trained with; another is allowed, see ``model.precision_note(name)``)."""
+    domain was trained with; another is allowed, see ``model.precision_note(name)``).
+    ``forms``: the forms of the frozen backbone to hold (see
+    :class:`~da3.methods.FrozenBackbone`); ``"own"``: only the one the domain's method
+    reads (the frozen weights held once, read a layer at a time; other methods' domains
+    cannot then be added to this model)."""
     store = store if isinstance(store, DomainStore) else DomainStore(store)
-    model = open_backbone_for(store, name, device, frozen_bits)
+    model = open_backbone_for(store, name, device, frozen_bits, forms)
     model.load(name, store)
     return model, store
 
 
 def open_backbone_for(
-    store: DomainStore, name: str, device: str = "cpu", frozen_bits: int | None = None
+    store: DomainStore,
+    name: str,
+    device: str = "cpu",
+    frozen_bits: int | None = None,
+    forms: str = "both",
 ) -> MultiDomainModel:
     """A model over the backbone that domain ``name`` of ``store`` was trained on, its frozen
-    weights in ``frozen_bits`` (default: the precision the domain was trained with)."""
+    weights in ``frozen_bits`` (default: the precision the domain was trained with), holding
+    the backbone in ``forms`` (see :func:`open_domain`)."""
     meta = store.read_meta(name)
     json_path = store.paths(name)[1]
     b = meta["backbone"]
@@ -347,8 +359,13 @@ def open_backbone_for(
     bits = b.get("frozen_bits", 32) if frozen_bits is None else frozen_bits
     if bits not in (32, 16, 8):
         raise Da3Error(f"{json_path}: frozen_bits must be 32, 16 or 8, got {str(bits)[:20]}")
+    if forms == "own":
+        try:
+            forms = get_method(meta.get("method", "")).frozen_form
+        except Da3Error:
+            forms = "both"  # an unknown method is reported by load(), naming the file
     try:
-        backbone = create_backbone(b.get("name", ""), weights)
-        return MultiDomainModel(backbone, device, frozen_bits=bits)
+        backbone = create_backbone(b.get("name", ""), weights, lazy=forms == "lean")
+        return MultiDomainModel(backbone, device, forms=forms, frozen_bits=bits)
     except Da3Error as err:
         raise Da3Error(f"{json_path}: {err}") from None
