@@ -218,7 +218,7 @@ def _lean_state(backbone, bits):
 def test_a_lazy_backbone_is_the_same_backbone(name, weights, fmt, tmp_path):
     """Read a part at a time or all at once: the same fingerprint, the same lean weights
     bit for bit, from every source of weights."""
-    from da3.backbones.lazy import is_lazy
+    from da3.backbones.lazy import is_lazy, reader_of
 
     if weights == "file":
         from torchvision.models import resnet18
@@ -235,6 +235,7 @@ def test_a_lazy_backbone_is_the_same_backbone(name, weights, fmt, tmp_path):
     eager = create_backbone(name, weights)
     lazy = create_backbone(name, weights, lazy=True)
     assert is_lazy(lazy) and not is_lazy(eager)
+    assert reader_of(eager) is None  # nothing kept for reading (a legacy file's tensors)
     assert weights_fingerprint(lazy) == weights_fingerprint(eager)
     assert is_lazy(lazy)  # the fingerprint read the weights and kept none
     for bits in (32, 8):

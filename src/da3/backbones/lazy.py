@@ -40,8 +40,9 @@ def named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 class WeightReader:
     """Values of a lazy backbone's tensors by the backbone's own state-dict names.
 
-    ``read(names)`` returns the tensors asked for (new tensors, not views of anything the
-    reader keeps); ``source``: what the weights are, for messages."""
+    ``read(names)`` returns the tensors asked for (new tensors, except from a legacy
+    ``.pth`` file, which is read whole and whose tensors are handed out as they are);
+    ``source``: what the weights are, for messages."""
 
     def __init__(self, read: Callable[[list[str]], dict[str, torch.Tensor]], source: str):
         self._read = read
@@ -77,15 +78,15 @@ def materialize(backbone: nn.Module, part: str = "") -> None:
     module = backbone.get_submodule(part) if part else backbone
     prefix = f"{part}." if part else ""
     waiting = [(prefix + n, t) for n, t in named_tensors(module) if t.is_meta]
-    if not waiting:
-        return
-    if reader is None:
+    if waiting and reader is None:
         raise Da3Error(f"backbone part {part or '(all)'!r} has no weights and no reader")
     for names in chunks(waiting):
         values = reader.read(names)
         for name in names:
             _set_tensor(backbone, name, values[name])
         del values
+    if not part:  # all read: the reader (and what it may hold, see file_reader) goes
+        backbone.__dict__.pop("weight_reader", None)
 
 
 def chunks(named: list[tuple[str, torch.Tensor]], limit: int = READ_BYTES) -> Iterator[list[str]]:
@@ -185,8 +186,8 @@ def file_reader(path: Path, expected: dict[str, tuple[tuple, torch.dtype]]):
         raise Da3Error(f"{path}: weights do not match the architecture ({what})")
 
     def read_native(names: list[str]) -> dict[str, torch.Tensor]:
-        if held is not None:
-            return {n: held[n].clone() for n in names}
+        if held is not None:  # handed out as they are: no second copy while building
+            return {n: held[n] for n in names}
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
