@@ -9,7 +9,8 @@ batch 32, seed 0, augmented):
 * **pooled**: DA3 trained on all the training images in one place (``da3 train``, 3 epochs,
   best epoch by validation);
 * **federated**, per partition: ``da3 federate`` in Flower's simulation engine, ``--clients``
-  devices each holding its shard, ``--rounds`` rounds of one local epoch, FedAvg; the global
+  devices each holding its shard, ``--rounds`` rounds of ``--local-epochs`` local epochs
+  (each device's loss over its own classes, ``--local-classes``), FedAvg; the global
   domain's test accuracy after every round, and the bytes each client receives and sends per
   round (protobuf content of Flower's messages, counted by the server);
 * **alone**, per partition: each client trains DA3 on its own shard only, the same local
@@ -111,7 +112,14 @@ def alone(domain: str, proto: dict, clients: int, partition: str) -> dict:
 
 
 def federated(
-    domain: str, proto: dict, clients: int, rounds: int, partition: str, store, local: int = 1
+    domain: str,
+    proto: dict,
+    clients: int,
+    rounds: int,
+    partition: str,
+    store,
+    local: int = 1,
+    local_classes: str = "own",
 ) -> dict:
     values = {**proto, "epochs": None}
     settings = FederateSettings.from_values(
@@ -123,6 +131,7 @@ def federated(
             "rounds": rounds,
             "partition": partition,
             "local_epochs": local,
+            "local_classes": local_classes,
         }
     )
     t0 = time.perf_counter()
@@ -146,7 +155,8 @@ def markdown(info: dict, payload: dict) -> str:
         f"- protocol: quick ({p['backbone']} {p['weights']}, {p['image_size']} px, batch "
         f"{p['batch_size']}, seed {p['seed']}); pooled: {p['epochs']} epochs; fleet: "
         f"{payload['clients']} clients, {payload['rounds']} rounds of "
-        f"{payload.get('local_epochs', 1)} local epoch(s), FedAvg "
+        f"{payload.get('local_epochs', 1)} local epoch(s), each device's loss over "
+        f"{payload.get('local_classes', 'all')} classes, FedAvg "
         f"(Flower {payload['flwr']}, simulation engine); alone: each client on its own shard, "
         f"{p['epochs']} epochs\n",
     )
@@ -218,8 +228,9 @@ def merge(out: str, parts: list[str]) -> None:
     for name in parts:
         other = read_json(RESULTS / f"{name}.json")
         same = ("protocol", "clients", "rounds", "flwr")
-        if any(other[k] != payload[k] for k in same) or other.get("local_epochs", 1) != payload.get(
-            "local_epochs", 1
+        if any(other[k] != payload[k] for k in same) or any(
+            other.get(k, d) != payload.get(k, d)
+            for k, d in (("local_epochs", 1), ("local_classes", "all"))
         ):
             raise SystemExit(f"{name}.json: another protocol than {out}.json's")
         done = {(r["domain"], r["partition"]) for r in other["records"]}
@@ -247,6 +258,12 @@ def main() -> None:
     ap.add_argument("--out", default="federated")
     ap.add_argument("--local-epochs", type=int, default=1, help="each client's, per round")
     ap.add_argument(
+        "--local-classes",
+        default="own",
+        choices=["own", "all"],
+        help="each device's loss over its own classes (default) or all (before: all)",
+    )
+    ap.add_argument(
         "--fleet-only", action="store_true", help="no pooled and alone baselines (a variant)"
     )
     ap.add_argument("--image-size", type=int, help="instead of the protocol's (a smoke run)")
@@ -272,6 +289,7 @@ def main() -> None:
         "clients": args.clients,
         "rounds": args.rounds,
         "local_epochs": args.local_epochs,
+        "local_classes": args.local_classes,
         "partitions": args.partitions.split(","),
         "flwr": flwr.__version__,
         "records": [],
@@ -283,7 +301,14 @@ def main() -> None:
                 print(f"{domain} pooled: test {base['test_accuracy']:.4f}", flush=True)
             for partition in payload["partitions"]:
                 fed = federated(
-                    domain, proto, args.clients, args.rounds, partition, store, args.local_epochs
+                    domain,
+                    proto,
+                    args.clients,
+                    args.rounds,
+                    partition,
+                    store,
+                    args.local_epochs,
+                    args.local_classes,
                 )
                 own = None if args.fleet_only else alone(domain, proto, args.clients, partition)
                 print(f"{domain} {partition}: federated {fed['test_accuracy']:.4f}", flush=True)

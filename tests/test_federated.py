@@ -285,6 +285,7 @@ def test_flower_app_is_written_and_valid(toy, tmp_path, capsys):
         (["--partition", "shards:3"], ["unknown partition 'shards:3'"]),
         (["--partition", "by-class:1", "--clients", "2"], ["no client holds class"]),
         (["--local-epochs", "0"], ["--local-epochs must be at least 1"]),
+        (["--local-classes", "some"], ["--local-classes must be one of own, all", "some"]),
     ],
 )
 def test_bad_arguments_one_line_store_unchanged(toy, tmp_path, capsys, extra, needles):
@@ -425,3 +426,35 @@ def test_loopback_deployment_survives_a_client_killed_mid_run(toy, tmp_path):
     assert meta["train"]["rounds"] == 2
     DomainStore(store).read("fleet")  # an ordinary, intact domain
     shutil.rmtree(home / "apps", ignore_errors=True)
+
+
+def test_a_devices_loss_reads_only_the_classes_it_holds():
+    """local_classes "own": the softmax runs over the device's classes only, so the head's
+    rows of the classes it lacks get no gradient (they stay as the average gave them), the
+    others do; the loss is the cross-entropy over the device's classes' logits."""
+    import torch.nn.functional as F
+
+    from da3.backbones import create_backbone
+    from da3.domains import MultiDomainModel
+    from da3.train import make_optimizer, train_step
+
+    torch.manual_seed(0)
+    model = MultiDomainModel(create_backbone("efficientnet_lite0", "none"), forms="lean")
+    d = model.add_domain("d", ["a", "b", "c", "e"], "da3", image_size=32, seed=0)
+    x = model.preprocess(torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8))
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    own = torch.tensor([True, True, False, False])
+    head = [p for n, p in d.model.named_parameters() if p.requires_grad and p.shape[0] == 4]
+    assert head  # the head's weight and bias
+    d.model.eval()
+    with torch.no_grad():
+        full = d.model(x)
+    expected = F.cross_entropy(full[:, :2], y)
+    d.model.train()
+    loss, logits = train_step(d.model, make_optimizer(d.model, d.config), x, y, classes=own)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert torch.isinf(logits[:, 2:]).all() and torch.isfinite(logits[:, :2]).all()
+    for p in head:
+        assert torch.count_nonzero(p.grad[2:]) == 0 and torch.count_nonzero(p.grad[:2]) > 0
+    with pytest.raises(Da3Error, match="--local-classes must be one of own, all"):
+        FederateSettings.from_values({"domain": "f", "data": "digits", "local_classes": "x"})

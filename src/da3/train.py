@@ -145,6 +145,7 @@ def train_step(
     *,
     taps: list[torch.Tensor] | None = None,
     micro_batch: int = 0,
+    classes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, backward, optimizer step on one batch; returns (loss, logits), detached.
 
@@ -153,6 +154,9 @@ def train_step(
     the batch, the forward and backward passes run a micro-batch at a time and the
     gradients add up to the batch's (each micro-batch's loss weighted by its share).
     Given ``taps`` (the frozen ``model.features.taps(x)``, e.g. cached), ``x`` is not used.
+    ``classes``: a boolean mask of the classes the loss reads (the softmax runs over these
+    logits only; the others get no gradient), e.g. the classes a fleet's device has images
+    of; the logits returned are masked the same way.
     """
     n = len(y)
     size = n if micro_batch <= 0 else min(micro_batch, n)
@@ -173,6 +177,8 @@ def train_step(
                 f"{part.stop - part.start} image(s) per pass leave it one at this image "
                 "size; use a larger --micro-batch or batch"
             ) from None
+        if classes is not None:
+            logits = logits.masked_fill(~classes, float("-inf"))
         loss = F.cross_entropy(logits, y[part])
         aux = model.auxiliary_loss()
         total = loss if aux is None else loss + aux
@@ -365,8 +371,13 @@ def fit(
     progress: bool = True,
     fingerprint: dict | None = None,
     echo: Callable[[str], None] | None = None,
+    classes: torch.Tensor | None = None,
 ) -> FitResult:
     """Train ``model`` on one domain; see the module docstring.
+
+    ``classes``: the loss reads only these classes' logits (a boolean mask; see
+    :func:`train_step`): a device of a fleet holding images of some of the classes trains
+    the head's rows of those and leaves the others to the devices that have them.
 
     With ``run_dir`` a checkpoint (``checkpoint.safetensors`` + ``checkpoint.json``) is
     written after each epoch; ``resume=True`` continues from it. ``fingerprint`` is any
@@ -381,6 +392,7 @@ def fit(
 
     device = config.device
     model.to(device).train()
+    classes = None if classes is None else classes.to(device)
     optimizer = make_optimizer(model, method_config)
     steps_per_epoch = math.ceil(len(train_images) / config.batch_size)
     total_steps = max(1, steps_per_epoch * config.epochs)
@@ -453,7 +465,7 @@ def fit(
                     return shift_images(x, shifts[0][part], shifts[1][part])
 
                 loss, logits = train_step(
-                    model, optimizer, inputs, y, micro_batch=config.micro_batch
+                    model, optimizer, inputs, y, micro_batch=config.micro_batch, classes=classes
                 )
             else:
                 taps = train_cache.get(
@@ -461,7 +473,13 @@ def fit(
                     lambda images=images: model.features.taps(preprocess(images.to(device))),
                 )
                 loss, logits = train_step(
-                    model, optimizer, None, y, taps=taps, micro_batch=config.micro_batch
+                    model,
+                    optimizer,
+                    None,
+                    y,
+                    taps=taps,
+                    micro_batch=config.micro_batch,
+                    classes=classes,
                 )
             if not torch.isfinite(loss):
                 kept = (

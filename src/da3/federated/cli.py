@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-FLEET_FLAGS = ("clients", "rounds", "partition", "local_epochs", "min_clients")
+FLEET_FLAGS = ("clients", "rounds", "partition", "local_epochs", "min_clients", "local_classes")
 TRAIN_FLAGS = ("domain", "data", "method", "backbone", "weights", "image_size", "batch_size")
 TRAIN_FLAGS += ("seed", "device")
 
@@ -45,6 +45,12 @@ def register(commands) -> None:
         default=1,
         dest="local_epochs",
         help="epochs each device trains per round (default 1)",
+    )
+    p.add_argument(
+        "--local-classes",
+        dest="local_classes",
+        help="the classes each device's loss reads: own (the ones it has images of; "
+        "default) or all",
     )
     p.add_argument(
         "--min-clients",

@@ -129,6 +129,10 @@ def train_locally(settings: FederateSettings, node_config, arrays: ArrayRecord, 
     # each client and round shuffles and augments with its own draws
     tc = replace(t.train_config(), seed=t.seed * 1_000_003 + server_round * 1009 + pid)
     empty = torch.zeros((0, *images.shape[1:]), dtype=torch.uint8)
+    classes = None
+    if settings.local_classes == "own":  # the softmax over the classes this device holds
+        classes = torch.zeros(work.domain.num_classes, dtype=torch.bool)
+        classes[labels.unique()] = True
     t0 = time.perf_counter()
     result = fit(
         model,
@@ -140,6 +144,7 @@ def train_locally(settings: FederateSettings, node_config, arrays: ArrayRecord, 
         t.config(),
         tc,
         progress=False,
+        classes=classes,
     )
     last = result.history[-1]
     metrics = {

@@ -219,7 +219,8 @@ def _run_rounds(grid: Grid, settings: FederateSettings, store, say) -> dict:
     state_bytes = sum(v.numel() * v.element_size() for v in state.values())
     say(
         f"federated {settings.method}: {settings.clients} clients, {settings.rounds} rounds of "
-        f"{settings.local_epochs} local epoch(s), partition {settings.partition}; "
+        f"{settings.local_epochs} local epoch(s), partition {settings.partition}, "
+        f"local loss over {settings.local_classes} classes; "
         f"{len(state)} tensors travel ({state_bytes / KiB:.1f} KiB), "
         "never the backbone"
     )
@@ -253,6 +254,7 @@ def _run_rounds(grid: Grid, settings: FederateSettings, store, say) -> dict:
         "rounds": settings.rounds,
         "partition": settings.partition,
         "local_epochs": settings.local_epochs,
+        "local_classes": settings.local_classes,
         "data": t.data,
     }
     model.save(settings.domain, store)

@@ -23,7 +23,9 @@ FLEET_DEFAULTS: dict[str, Any] = {
     "partition": "iid",
     "local_epochs": 1,
     "min_clients": 0,  # 0: every client must answer every round
+    "local_classes": "own",  # own: a device's loss reads the classes it has images of; all
 }
+LOCAL_CLASSES = ("own", "all")
 
 
 @dataclass
@@ -31,13 +33,18 @@ class FederateSettings:
     """A federated run. ``train``: what each client trains with (``train.epochs`` is the
     number of local epochs per round; ``train.seed`` seeds the initial domain, the
     partition and each client's shuffling). ``min_clients``: the fewest clients a round
-    may end with (clients that die are left out of the average); 0 means all."""
+    may end with (clients that die are left out of the average); 0 means all.
+    ``local_classes``: ``"own"`` (default): each device's loss is a softmax over the classes
+    it holds images of, so a device without a class leaves that class's row of the head as
+    the average gave it (with shards of a few classes each, the head's rows are otherwise
+    pulled down on every device that lacks them); ``"all"``: over every class."""
 
     train: Any  # da3.training.TrainSettings
     clients: int = 2
     rounds: int = 3
     partition: str = "iid"
     min_clients: int = 0
+    local_classes: str = "own"
 
     def __post_init__(self) -> None:
         self.check()
@@ -53,6 +60,11 @@ class FederateSettings:
                 f"got {self.min_clients}"
             )
         self.partition = str(parse_partition(self.partition))
+        if self.local_classes not in LOCAL_CLASSES:
+            raise Da3Error(
+                f"--local-classes must be one of {', '.join(LOCAL_CLASSES)}, "
+                f"got {str(self.local_classes)[:40]!r}"
+            )
 
     @property
     def domain(self) -> str:
@@ -106,6 +118,7 @@ class FederateSettings:
             "partition": self.partition,
             "local_epochs": self.local_epochs,
             "min_clients": self.min_clients,
+            "local_classes": self.local_classes,
             **train,
         }
 
