@@ -147,6 +147,33 @@ def test_only_the_domains_trainable_tensors_travel(toy, task_identity):
     assert changed  # it trained
 
 
+def test_a_node_with_its_own_folder_trains_on_all_of_it(toy, task_identity, tmp_path):
+    """--node-config data=FOLDER (a SuperNode holding its own images): the client trains on
+    that folder's whole training split, not on a shard of the run's data; no partition-id
+    needed."""
+    from flwr.app import ArrayRecord, Context, Message, RecordDict
+
+    from da3.federated.client import build_domain, settings_record, train
+
+    mine = tmp_path / "mine"
+    make_folder(mine, {"red": 8, "green": 8, "blue": 8})
+    from da3.data import load_domain
+
+    whole = len(load_domain(str(mine), TOY["image_size"]).train)
+    assert whole == 15
+    s = settings(toy["data"], clients=2)
+    _, domain, _ = build_domain(s)
+    state = domain.model.domain_state()
+    msg = Message(
+        content=RecordDict({"arrays": ArrayRecord(state), "config": settings_record(s)}),
+        dst_node_id=5,
+        message_type="train",
+    )
+    reply = train(msg, Context(7, 5, {"data": str(mine)}, RecordDict(), {}))
+    assert reply.content["metrics"]["num-examples"] == whole  # its own, all of it
+    assert set(reply.content["arrays"]) == set(state)
+
+
 @pytest.mark.parametrize("method", ["bias", "tinytl", "udta", "linear", "finetune"])
 def test_every_method_travels_and_averages(toy, task_identity, method):
     """Each method's domain state goes out and comes back averaged into a loadable state
@@ -254,6 +281,10 @@ def test_a_federated_domain_loads_predicts_and_has_its_record(simulated, toy, ca
     image = next((toy["data"] / "red").iterdir())
     assert main(["predict", str(image), "--domain", "fleet", "--store", str(store)]) == 0
     assert capsys.readouterr().out.strip()
+    assert main(["domains", "show", "fleet", "--store", str(store)]) == 0
+    shown = capsys.readouterr().out
+    assert "(config.yaml, history.json, rounds.png)" in shown and "curves.png" not in shown
+    assert meta["train"]["local_classes"] == "own"
 
 
 def test_flower_app_is_written_and_valid(toy, tmp_path, capsys):

@@ -703,8 +703,10 @@ def run_domains_show(args) -> int:
         )
     )
     run = store.run_dir(args.name)
-    if run.is_dir():
-        rows.append(("run folder", f"{run} (config.yaml, history.json, curves.png)"))
+    if run.is_dir():  # what is there: a trained domain's curves.png, a fleet's rounds.png
+        names = ("config.yaml", "history.json", "curves.png", "rounds.png")
+        files = [f for f in names if (run / f).is_file()]
+        rows.append(("run folder", f"{run} ({', '.join(files) or 'empty'})"))
     exports = store.exports(args.name)
     if exports:
         rows.append(("exports", ", ".join(str(m) for m, _ in exports)))
