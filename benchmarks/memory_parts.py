@@ -1,0 +1,211 @@
+"""What a lean training process holds above `import torch`, part by part (issues #16, #17).
+
+    python benchmarks/memory_parts.py [--bits 8] [--backbones efficientnet_lite0,resnet50]
+
+The whole-process figures (benchmarks/process_memory.py) give one number per run; this
+script explains it. One fresh process per backbone builds what a `da3 train --method da3
+--micro-batch 1` run builds (the lean backbone read a layer at a time, the domain, AdamW)
+and reads its own memory between the steps a run takes:
+
+* the resident size (``VmRSS``) after `import torch` (and torchvision for its backbones),
+  after da3's modules, after the backbone and the domain;
+* the first training step (224 px, a batch of 8 in micro-batches of 1): its peak above the
+  size before it, and what it leaves behind, split by kind from ``/proc/self/smaps``: code
+  and data of shared libraries paged in (file-backed), heap (small allocations), other
+  anonymous memory (the gradients, AdamW's moments, large blocks);
+* a later step and an evaluation pass (8 images, one at a time), each with the high-water
+  mark reset before it (``/proc/self/clear_refs``), so its own transient peak is read;
+* the training-curves plot (`da3.plots.plot_curves`: importing matplotlib and drawing).
+
+Linux only. Writes benchmarks/results/memory_parts.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MiB = 2**20
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def smaps_by_kind() -> dict[str, int]:
+    """Resident bytes by kind of mapping: file-backed (shared libraries' code and data),
+    heap, other anonymous."""
+    kinds = {"file": 0, "heap": 0, "anon": 0}
+    kind = "anon"
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            parts = line.split()
+            name = parts[5] if len(parts) > 5 else ""
+            kind = "heap" if name == "[heap]" else "file" if name.startswith("/") else "anon"
+        elif line.startswith("Rss:"):
+            kinds[kind] += int(line.split()[1]) * 1024
+    return kinds
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (this process only)
+
+
+def one(backbone: str, bits: int) -> dict:
+    """The measurements, in this (fresh) process."""
+    out: dict = {"backbone": backbone, "frozen_bits": bits}
+    import torch
+
+    if backbone != "efficientnet_lite0":
+        import torchvision  # noqa: F401 - the floor a torchvision backbone needs
+    out["floor"] = status("VmRSS")
+    from da3.memory import lean_allocator, release_memory
+
+    lean_allocator()  # as da3 train does
+    import da3.commands  # noqa: F401 - what da3 train imports before it starts
+    import da3.training  # noqa: F401
+    from da3.backbones import create_backbone
+    from da3.domains import MultiDomainModel
+    from da3.train import evaluate, make_optimizer, train_step
+
+    out["imports"] = status("VmRSS")
+    weights = "imagenet" if backbone == "efficientnet_lite0" else "none"
+    model = MultiDomainModel(
+        create_backbone(backbone, weights, lazy=True), "cpu", forms="lean", frozen_bits=bits
+    )
+    domain = model.add_domain("d", [f"c{i}" for i in range(15)], "da3", None, 224, seed=0)
+    release_memory()
+    out["built"] = status("VmRSS")
+    out["frozen_weight_bytes"] = model.frozen.weight_bytes("lean")
+    net = domain.model
+    net.train()
+    optimizer = make_optimizer(net, domain.config)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 224, 224), dtype=torch.uint8, generator=g)
+    x, y = model.preprocess(images), torch.arange(8) % 15
+
+    def step() -> None:
+        train_step(net, optimizer, x, y, micro_batch=1)
+
+    release_memory()
+    before, kinds = status("VmRSS"), smaps_by_kind()
+    reset_peak()
+    step()
+    release_memory()
+    after = smaps_by_kind()
+    out["first_step"] = {
+        "peak_above": status("VmHWM") - before,
+        "left": status("VmRSS") - before,
+        "left_by_kind": {k: after[k] - kinds[k] for k in kinds},
+    }
+    later = []
+    for _ in range(3):
+        release_memory()
+        before = status("VmRSS")
+        reset_peak()
+        step()
+        later.append(status("VmHWM") - before)
+    out["later_step_peak_above"] = sorted(later)[1]  # the median of 3
+    net.eval()
+    release_memory()
+    before = status("VmRSS")
+    reset_peak()
+    evaluate(net, images, y, model.preprocess, 1, "cpu")
+    out["eval_peak_above"] = status("VmHWM") - before
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    out["trainable_bytes"] = sum(p.numel() * p.element_size() for p in trainable)
+    del net, domain, model, optimizer, x
+    release_memory()
+    import tempfile
+
+    from da3.plots import plot_curves
+
+    history = [
+        {
+            "epoch": e,
+            "train_loss": 1 / e,
+            "val_loss": 1 / e,
+            "train_accuracy": 0.5,
+            "val_accuracy": 0.5,
+        }
+        for e in (1, 2)
+    ]
+    before = status("VmRSS")
+    reset_peak()
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_curves(history, Path(tmp) / "curves.png", "d (da3)", 2, 0.5)
+    out["plot_peak_above"] = status("VmHWM") - before
+    return out
+
+
+def markdown(info: dict, rows: list[dict]) -> str:
+    from da3.bench.common import header
+
+    out = header(info, "What a lean training process holds, part by part")
+    out += (
+        "One fresh process per backbone: da3 (micro-batch 1 of a batch of 8, 224 px, AdamW), "
+        'frozen weights in {bits} bits, built a layer at a time. MiB; "above" = above the '
+        "resident size just before the step.\n\n".format(bits=rows[0]["frozen_bits"])
+    )
+    out += (
+        "| backbone | floor (import) | + da3 imports | + backbone, domain (frozen weights) | "
+        "first step: peak above | first step leaves: code/data of libraries, heap, other | "
+        "later step: peak above | eval, 1 image at a time: peak above | plot: peak above |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+    )
+    for r in rows:
+        f = r["first_step"]
+        k = f["left_by_kind"]
+        out += (
+            f"| {r['backbone']} | {r['floor'] / MiB:.1f} | {(r['imports'] - r['floor']) / MiB:.1f} "
+            f"| {(r['built'] - r['imports']) / MiB:.1f} ({r['frozen_weight_bytes'] / MiB:.1f}) | "
+            f"{f['peak_above'] / MiB:.1f} | {k['file'] / MiB:.1f}, {k['heap'] / MiB:.1f}, "
+            f"{k['anon'] / MiB:.1f} | {r['later_step_peak_above'] / MiB:.1f} | "
+            f"{r['eval_peak_above'] / MiB:.1f} | {r['plot_peak_above'] / MiB:.1f} |\n"
+        )
+    out += (
+        "\nTrainable tensors (DA3's adaptors and head): "
+        + ", ".join(f"{r['backbone']} {r['trainable_bytes'] / MiB:.1f} MiB" for r in rows)
+        + " (gradients as much again, AdamW's moments twice).\n"
+    )
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bits", type=int, default=8, choices=(32, 16, 8))
+    p.add_argument("--backbones", default="efficientnet_lite0,resnet50")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # the child: one backbone, JSON out
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, args.bits)))
+        return
+    from da3.bench.common import run_info, save
+
+    info = run_info("cpu")
+    t0 = time.perf_counter()
+    rows = []
+    for backbone in args.backbones.split(","):
+        done = subprocess.run(
+            [sys.executable, __file__, "--one", backbone, "--bits", str(args.bits)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    info["stage_seconds"] = {"memory_parts": round(time.perf_counter() - t0, 1)}
+    save(RESULTS, "memory_parts", {"info": info, "rows": rows}, markdown(info, rows))
+
+
+if __name__ == "__main__":
+    main()
