@@ -270,3 +270,16 @@ def test_a_lazy_backbone_holds_one_layer_of_float32_weights_at_a_time():
     assert total > 44 * 2**20
     largest = 512 * 512 * 9 * 4 + 4 * 512 * 4 + 8
     assert max(held) <= largest, (max(held), largest)
+
+
+def test_a_weights_file_cut_while_a_lazy_backbone_reads_it_is_a_one_line_error(tmp_path):
+    from safetensors.torch import save_file
+    from torchvision.models import resnet18
+
+    path = tmp_path / "r18.safetensors"
+    save_file(resnet18(weights=None).state_dict(), str(path))
+    lazy = create_backbone("resnet18", str(path), lazy=True)
+    path.write_bytes(path.read_bytes()[:1000])  # cut after the checks, before the reads
+    with pytest.raises(Da3Error, match=r"r18.safetensors: cannot read weights") as err:
+        weights_fingerprint(lazy)
+    assert "\n" not in str(err.value)

@@ -188,15 +188,20 @@ def file_reader(path: Path, expected: dict[str, tuple[tuple, torch.dtype]]):
     def read_native(names: list[str]) -> dict[str, torch.Tensor]:
         if held is not None:  # handed out as they are: no second copy while building
             return {n: held[n] for n in names}
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
 
-            with safe_open(str(path), "pt") as f:
-                return {n: f.get_tensor(n) for n in names}
-        state = _mmap_state(path)
-        out = {n: state[n].clone() for n in names}  # copies: the mapping goes with `state`
-        del state
-        return out
+                with safe_open(str(path), "pt") as f:
+                    return {n: f.get_tensor(n) for n in names}
+            state = _mmap_state(path)
+            if state is None:
+                raise RuntimeError("the file changed while it was read")
+            out = {n: state[n].clone() for n in names}  # copies: the mapping goes with `state`
+            del state
+            return out
+        except Exception as err:  # noqa: BLE001 - e.g. the file replaced or cut meanwhile
+            raise Da3Error(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
 
     return read_native
 
