@@ -10,7 +10,8 @@ batch 32, seed 0, augmented):
   best epoch by validation);
 * **federated**, per partition: ``da3 federate`` in Flower's simulation engine, ``--clients``
   devices each holding its shard, ``--rounds`` rounds of ``--local-epochs`` local epochs
-  (each device's loss over its own classes, ``--local-classes``), FedAvg; the global
+  (each device's loss over its own classes, ``--local-classes``; its learning rate decaying
+  over the whole run, ``--schedule``), FedAvg; the global
   domain's test accuracy after every round, and the bytes each client receives and sends per
   round (protobuf content of Flower's messages, counted by the server);
 * **alone**, per partition: each client trains DA3 on its own shard only, the same local
@@ -120,6 +121,7 @@ def federated(
     store,
     local: int = 1,
     local_classes: str = "own",
+    schedule: str = "rounds",
 ) -> dict:
     values = {**proto, "epochs": None}
     settings = FederateSettings.from_values(
@@ -132,6 +134,7 @@ def federated(
             "partition": partition,
             "local_epochs": local,
             "local_classes": local_classes,
+            "schedule": schedule,
         }
     )
     t0 = time.perf_counter()
@@ -156,7 +159,9 @@ def markdown(info: dict, payload: dict) -> str:
         f"{p['batch_size']}, seed {p['seed']}); pooled: {p['epochs']} epochs; fleet: "
         f"{payload['clients']} clients, {payload['rounds']} rounds of "
         f"{payload.get('local_epochs', 1)} local epoch(s), each device's loss over "
-        f"{payload.get('local_classes', 'all')} classes, FedAvg "
+        f"{payload.get('local_classes', 'all')} classes, learning rate decayed over "
+        f"{'the whole run' if payload.get('schedule', 'round') == 'rounds' else 'each round'}, "
+        "FedAvg "
         f"(Flower {payload['flwr']}, simulation engine); alone: each client on its own shard, "
         f"{p['epochs']} epochs\n",
     )
@@ -230,7 +235,7 @@ def merge(out: str, parts: list[str]) -> None:
         same = ("protocol", "clients", "rounds", "flwr")
         if any(other[k] != payload[k] for k in same) or any(
             other.get(k, d) != payload.get(k, d)
-            for k, d in (("local_epochs", 1), ("local_classes", "all"))
+            for k, d in (("local_epochs", 1), ("local_classes", "all"), ("schedule", "round"))
         ):
             raise SystemExit(f"{name}.json: another protocol than {out}.json's")
         done = {(r["domain"], r["partition"]) for r in other["records"]}
@@ -264,6 +269,13 @@ def main() -> None:
         help="each device's loss over its own classes (default) or all (before: all)",
     )
     ap.add_argument(
+        "--schedule",
+        default="rounds",
+        choices=["rounds", "round"],
+        help="the devices' learning rate decays over the whole run (default) or each round "
+        "(before: round)",
+    )
+    ap.add_argument(
         "--fleet-only", action="store_true", help="no pooled and alone baselines (a variant)"
     )
     ap.add_argument("--image-size", type=int, help="instead of the protocol's (a smoke run)")
@@ -290,6 +302,7 @@ def main() -> None:
         "rounds": args.rounds,
         "local_epochs": args.local_epochs,
         "local_classes": args.local_classes,
+        "schedule": args.schedule,
         "partitions": args.partitions.split(","),
         "flwr": flwr.__version__,
         "records": [],
@@ -309,6 +322,7 @@ def main() -> None:
                     store,
                     args.local_epochs,
                     args.local_classes,
+                    args.schedule,
                 )
                 own = None if args.fleet_only else alone(domain, proto, args.clients, partition)
                 print(f"{domain} {partition}: federated {fed['test_accuracy']:.4f}", flush=True)

@@ -317,6 +317,7 @@ def test_flower_app_is_written_and_valid(toy, tmp_path, capsys):
         (["--partition", "by-class:1", "--clients", "2"], ["no client holds class"]),
         (["--local-epochs", "0"], ["--local-epochs must be at least 1"]),
         (["--local-classes", "some"], ["--local-classes must be one of own, all", "some"]),
+        (["--schedule", "epoch"], ["--schedule must be one of rounds, round", "epoch"]),
     ],
 )
 def test_bad_arguments_one_line_store_unchanged(toy, tmp_path, capsys, extra, needles):
@@ -489,3 +490,41 @@ def test_a_devices_loss_reads_only_the_classes_it_holds():
         assert torch.count_nonzero(p.grad[2:]) == 0 and torch.count_nonzero(p.grad[:2]) > 0
     with pytest.raises(Da3Error, match="--local-classes must be one of own, all"):
         FederateSettings.from_values({"domain": "f", "data": "digits", "local_classes": "x"})
+
+
+def test_the_learning_rate_decays_over_the_rounds_not_in_each(toy, task_identity, monkeypatch):
+    """schedule "rounds": round r of R trains steps (r-1)S..rS-1 of one cosine decay over RS
+    steps (S: the device's steps per round); "round": every round its own decay from the
+    top."""
+    import math
+
+    from flwr.app import ArrayRecord
+
+    import da3.train
+    from da3.federated.client import build_domain, train_locally
+
+    seen: list[float] = []
+    step = da3.train.train_step
+
+    def recording(model, optimizer, *args, **kwargs):
+        seen.append(optimizer.param_groups[-1]["lr"])
+        return step(model, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(da3.train, "train_step", recording)
+    node = {"partition-id": 0, "num-partitions": 2}
+    for schedule in ("rounds", "round"):
+        s = settings(toy["data"], clients=2, rounds=3, schedule=schedule)
+        _, domain, _ = build_domain(s)
+        arrays = ArrayRecord(domain.model.domain_state())
+        lr = domain.config.head_lr
+        per_round = []
+        for r in (1, 2, 3):
+            seen.clear()
+            train_locally(s, node, arrays, r)
+            per_round.append(list(seen))
+        steps = len(per_round[0])
+        assert steps == math.ceil(10 / TOY["batch_size"])  # its iid half of 21 images
+        for r, lrs in enumerate(per_round):
+            for i, got in enumerate(lrs):
+                at, span = (r * steps + i, 3 * steps) if schedule == "rounds" else (i, steps)
+                assert got == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * at / span)))

@@ -372,12 +372,16 @@ def fit(
     fingerprint: dict | None = None,
     echo: Callable[[str], None] | None = None,
     classes: torch.Tensor | None = None,
+    schedule: tuple[int, int] | None = None,
 ) -> FitResult:
     """Train ``model`` on one domain; see the module docstring.
 
     ``classes``: the loss reads only these classes' logits (a boolean mask; see
     :func:`train_step`): a device of a fleet holding images of some of the classes trains
     the head's rows of those and leaves the others to the devices that have them.
+    ``schedule``: ``(start, total)``: this run is steps ``start`` onwards of a learning-rate
+    schedule (and head warm-up) spread over ``total`` steps, instead of its own steps (a
+    fleet's device, one round of many: the decay goes on across rounds, not over again).
 
     With ``run_dir`` a checkpoint (``checkpoint.safetensors`` + ``checkpoint.json``) is
     written after each epoch; ``resume=True`` continues from it. ``fingerprint`` is any
@@ -396,9 +400,11 @@ def fit(
     optimizer = make_optimizer(model, method_config)
     steps_per_epoch = math.ceil(len(train_images) / config.batch_size)
     total_steps = max(1, steps_per_epoch * config.epochs)
-    scheduler = LambdaSchedule(
-        optimizer, lr_schedule(optimizer, total_steps, head_only_steps(method_config, total_steps))
-    )
+    start, span = schedule if schedule is not None else (0, total_steps)
+    factors = lr_schedule(optimizer, span, head_only_steps(method_config, span))
+    if start:
+        factors = [lambda step, f=f: f(step + start) for f in factors]
+    scheduler = LambdaSchedule(optimizer, factors)
     train_cache = val_cache = None
     if config.cache_features:
         check_cacheable(model)

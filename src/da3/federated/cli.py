@@ -6,7 +6,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-FLEET_FLAGS = ("clients", "rounds", "partition", "local_epochs", "min_clients", "local_classes")
+FLEET_FLAGS = (
+    "clients",
+    "rounds",
+    "partition",
+    "local_epochs",
+    "min_clients",
+    "local_classes",
+    "schedule",
+)
 TRAIN_FLAGS = ("domain", "data", "method", "backbone", "weights", "image_size", "batch_size")
 TRAIN_FLAGS += ("seed", "device")
 
@@ -51,6 +59,11 @@ def register(commands) -> None:
         dest="local_classes",
         help="the classes each device's loss reads: own (the ones it has images of; "
         "default) or all",
+    )
+    p.add_argument(
+        "--schedule",
+        help="the devices' learning rate: rounds (one decay over the whole run; default) or "
+        "round (the decay starts over every round)",
     )
     p.add_argument(
         "--min-clients",

@@ -18,6 +18,7 @@ once.
 from __future__ import annotations
 
 import atexit
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -133,6 +134,10 @@ def train_locally(settings: FederateSettings, node_config, arrays: ArrayRecord, 
     if settings.local_classes == "own":  # the softmax over the classes this device holds
         classes = torch.zeros(work.domain.num_classes, dtype=torch.bool)
         classes[labels.unique()] = True
+    schedule = None
+    if settings.schedule == "rounds":  # this round's part of one decay over all the rounds
+        steps = math.ceil(len(labels) / tc.batch_size) * tc.epochs
+        schedule = ((server_round - 1) * steps, settings.rounds * steps)
     t0 = time.perf_counter()
     result = fit(
         model,
@@ -145,6 +150,7 @@ def train_locally(settings: FederateSettings, node_config, arrays: ArrayRecord, 
         tc,
         progress=False,
         classes=classes,
+        schedule=schedule,
     )
     last = result.history[-1]
     metrics = {

@@ -220,7 +220,8 @@ def _run_rounds(grid: Grid, settings: FederateSettings, store, say) -> dict:
     say(
         f"federated {settings.method}: {settings.clients} clients, {settings.rounds} rounds of "
         f"{settings.local_epochs} local epoch(s), partition {settings.partition}, "
-        f"local loss over {settings.local_classes} classes; "
+        f"local loss over {settings.local_classes} classes, learning rate decayed over "
+        f"{'the whole run' if settings.schedule == 'rounds' else 'each round'}; "
         f"{len(state)} tensors travel ({state_bytes / KiB:.1f} KiB), "
         "never the backbone"
     )
@@ -255,6 +256,7 @@ def _run_rounds(grid: Grid, settings: FederateSettings, store, say) -> dict:
         "partition": settings.partition,
         "local_epochs": settings.local_epochs,
         "local_classes": settings.local_classes,
+        "schedule": settings.schedule,
         "data": t.data,
     }
     model.save(settings.domain, store)

@@ -24,8 +24,10 @@ FLEET_DEFAULTS: dict[str, Any] = {
     "local_epochs": 1,
     "min_clients": 0,  # 0: every client must answer every round
     "local_classes": "own",  # own: a device's loss reads the classes it has images of; all
+    "schedule": "rounds",  # rounds: the learning rate decays over the whole run; round: each
 }
 LOCAL_CLASSES = ("own", "all")
+SCHEDULES = ("rounds", "round")
 
 
 @dataclass
@@ -37,7 +39,10 @@ class FederateSettings:
     ``local_classes``: ``"own"`` (default): each device's loss is a softmax over the classes
     it holds images of, so a device without a class leaves that class's row of the head as
     the average gave it (with shards of a few classes each, the head's rows are otherwise
-    pulled down on every device that lacks them); ``"all"``: over every class."""
+    pulled down on every device that lacks them); ``"all"``: over every class.
+    ``schedule``: ``"rounds"`` (default): each device's learning rate follows one cosine
+    decay over all the rounds (round r trains its part of it), as one training run's does
+    over its epochs; ``"round"``: the decay starts over in every round."""
 
     train: Any  # da3.training.TrainSettings
     clients: int = 2
@@ -45,6 +50,7 @@ class FederateSettings:
     partition: str = "iid"
     min_clients: int = 0
     local_classes: str = "own"
+    schedule: str = "rounds"
 
     def __post_init__(self) -> None:
         self.check()
@@ -64,6 +70,10 @@ class FederateSettings:
             raise Da3Error(
                 f"--local-classes must be one of {', '.join(LOCAL_CLASSES)}, "
                 f"got {str(self.local_classes)[:40]!r}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise Da3Error(
+                f"--schedule must be one of {', '.join(SCHEDULES)}, got {str(self.schedule)[:40]!r}"
             )
 
     @property
@@ -119,6 +129,7 @@ class FederateSettings:
             "local_epochs": self.local_epochs,
             "min_clients": self.min_clients,
             "local_classes": self.local_classes,
+            "schedule": self.schedule,
             **train,
         }
 
