@@ -10,7 +10,7 @@ batch 32, seed 0, augmented):
   best epoch by validation);
 * **federated**, per partition: ``da3 federate`` in Flower's simulation engine, ``--clients``
   devices each holding its shard, ``--rounds`` rounds of ``--local-epochs`` local epochs
-  (each device's loss over its own classes, ``--local-classes``; its learning rate decaying
+  (each device's loss over every class or its own, ``--local-classes``; its learning rate decaying
   over the whole run, ``--schedule``), FedAvg; the global
   domain's test accuracy after every round, and the bytes each client receives and sends per
   round (protobuf content of Flower's messages, counted by the server);
@@ -120,7 +120,7 @@ def federated(
     partition: str,
     store,
     local: int = 1,
-    local_classes: str = "own",
+    local_classes: str = "all",
     schedule: str = "rounds",
 ) -> dict:
     values = {**proto, "epochs": None}
@@ -264,9 +264,9 @@ def main() -> None:
     ap.add_argument("--local-epochs", type=int, default=1, help="each client's, per round")
     ap.add_argument(
         "--local-classes",
-        default="own",
+        default="all",
         choices=["own", "all"],
-        help="each device's loss over its own classes (default) or all (before: all)",
+        help="each device's loss over all classes (default) or its own only",
     )
     ap.add_argument(
         "--schedule",

@@ -284,7 +284,7 @@ def test_a_federated_domain_loads_predicts_and_has_its_record(simulated, toy, ca
     assert main(["domains", "show", "fleet", "--store", str(store)]) == 0
     shown = capsys.readouterr().out
     assert "(config.yaml, history.json, rounds.png)" in shown and "curves.png" not in shown
-    assert meta["train"]["local_classes"] == "own"
+    assert meta["train"]["local_classes"] == "all" and meta["train"]["schedule"] == "rounds"
 
 
 def test_flower_app_is_written_and_valid(toy, tmp_path, capsys):

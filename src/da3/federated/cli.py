@@ -57,8 +57,8 @@ def register(commands) -> None:
     p.add_argument(
         "--local-classes",
         dest="local_classes",
-        help="the classes each device's loss reads: own (the ones it has images of; "
-        "default) or all",
+        help="the classes each device's loss reads: all (default) or own (only the ones it "
+        "has images of; see docs/benchmark.md for when it helps)",
     )
     p.add_argument(
         "--schedule",

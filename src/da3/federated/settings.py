@@ -23,7 +23,7 @@ FLEET_DEFAULTS: dict[str, Any] = {
     "partition": "iid",
     "local_epochs": 1,
     "min_clients": 0,  # 0: every client must answer every round
-    "local_classes": "own",  # own: a device's loss reads the classes it has images of; all
+    "local_classes": "all",  # all: a device's loss reads every class; own: those it holds
     "schedule": "rounds",  # rounds: the learning rate decays over the whole run; round: each
 }
 LOCAL_CLASSES = ("own", "all")
@@ -36,10 +36,12 @@ class FederateSettings:
     number of local epochs per round; ``train.seed`` seeds the initial domain, the
     partition and each client's shuffling). ``min_clients``: the fewest clients a round
     may end with (clients that die are left out of the average); 0 means all.
-    ``local_classes``: ``"own"`` (default): each device's loss is a softmax over the classes
-    it holds images of, so a device without a class leaves that class's row of the head as
-    the average gave it (with shards of a few classes each, the head's rows are otherwise
-    pulled down on every device that lacks them); ``"all"``: over every class.
+    ``local_classes``: ``"all"`` (default): each device's loss is a softmax over every class;
+    ``"own"``: over the classes it holds images of only, so a device without a class leaves
+    that class's row of the head as the average gave it (with shards of a few classes each,
+    the head's rows are otherwise pulled down on every device that lacks them). Under a
+    3-of-10-classes split it helped on one domain and hurt on another (docs/benchmark.md),
+    so it is not the default.
     ``schedule``: ``"rounds"`` (default): each device's learning rate follows one cosine
     decay over all the rounds (round r trains its part of it), as one training run's does
     over its epochs; ``"round"``: the decay starts over in every round."""
@@ -49,7 +51,7 @@ class FederateSettings:
     rounds: int = 3
     partition: str = "iid"
     min_clients: int = 0
-    local_classes: str = "own"
+    local_classes: str = "all"
     schedule: str = "rounds"
 
     def __post_init__(self) -> None:
