@@ -4,7 +4,6 @@ from da3.lean.convert import (
     convert_module,
     frozen_bits_of,
     share_clone,
-    store_frozen_weights,
     to_lean,
 )
 from da3.lean.ops import (
@@ -43,7 +42,6 @@ __all__ = [
     "pack_bits",
     "quantize_weight",
     "share_clone",
-    "store_frozen_weights",
     "to_lean",
     "unpack_bits",
 ]

@@ -106,23 +106,6 @@ def convert_module(m: nn.Module) -> nn.Module:
     return _Converter().module(m)
 
 
-def store_frozen_weights(module: nn.Module, bits: int) -> int:
-    """Store the weight of every lean convolution under ``module`` in ``bits`` (32, 16, 8;
-    :meth:`LeanConv2d.stored_in`), in place, one convolution at a time; returns how many
-    changed. Only lean convolutions change: a method's own modules are left as they are."""
-    bits = check_frozen_bits(bits)
-    changed = 0
-    for name, child in list(module.named_children()):
-        if isinstance(child, LeanConv2d):
-            stored = child.stored_in(bits)
-            if stored is not child:
-                setattr(module, name, stored)  # the float one is released here
-                changed += 1
-        else:
-            changed += store_frozen_weights(child, bits)
-    return changed
-
-
 def frozen_bits_of(module: nn.Module) -> int | None:
     """The bits the lean convolutions under ``module`` are stored in (None: there are none);
     ValueError if they differ."""
