@@ -35,6 +35,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def status(key: str) -> int:
+    # not da3.memory.process_memory_bytes: that module imports da3.lean, and the floor is
+    # read before any da3 module is imported
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024

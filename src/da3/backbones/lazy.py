@@ -41,12 +41,10 @@ class WeightReader:
     """Values of a lazy backbone's tensors by the backbone's own state-dict names.
 
     ``read(names)`` returns the tensors asked for (new tensors, except from a legacy
-    ``.pth`` file, which is read whole and whose tensors are handed out as they are);
-    ``source``: what the weights are, for messages."""
+    ``.pth`` file, which is read whole and whose tensors are handed out as they are)."""
 
-    def __init__(self, read: Callable[[list[str]], dict[str, torch.Tensor]], source: str):
+    def __init__(self, read: Callable[[list[str]], dict[str, torch.Tensor]]):
         self._read = read
-        self.source = source
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         return self._read(names) if names else {}
@@ -61,7 +59,9 @@ def reader_of(backbone: nn.Module) -> WeightReader | None:
     return getattr(backbone, "weight_reader", None)
 
 
-def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put ``value`` in the place of the parameter or buffer ``name`` under ``root`` (a
+    parameter stays one, with its ``requires_grad``)."""
     owner_name, _, attr = name.rpartition(".")
     owner = root.get_submodule(owner_name) if owner_name else root
     if attr in owner._parameters:
@@ -83,7 +83,7 @@ def materialize(backbone: nn.Module, part: str = "") -> None:
     for names in chunks(waiting):
         values = reader.read(names)
         for name in names:
-            _set_tensor(backbone, name, values[name])
+            set_tensor(backbone, name, values[name])
         del values
     if not part:  # all read: the reader (and what it may hold, see file_reader) goes
         backbone.__dict__.pop("weight_reader", None)
@@ -128,14 +128,14 @@ def attach(backbone: nn.Module, native: nn.Module, read_native, source: str) -> 
             out[n] = value.reshape(shape)
         return out
 
-    backbone.weight_reader = WeightReader(read, source)
+    backbone.weight_reader = WeightReader(read)
     return backbone
 
 
 # -- where the values come from ---------------------------------------------------------
 
 
-def _mmap_state(path: Path) -> dict[str, torch.Tensor]:
+def _mmap_state(path: Path) -> dict[str, torch.Tensor] | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:
@@ -236,5 +236,5 @@ def random_reader(backbone: nn.Module, seed: int) -> WeightReader:
             out[n] = t
         return out
 
-    backbone.weight_reader = WeightReader(read, f"random (seed {seed})")
+    backbone.weight_reader = WeightReader(read)
     return backbone.weight_reader

@@ -68,15 +68,14 @@ class FederateSettings:
                 f"got {self.min_clients}"
             )
         self.partition = str(parse_partition(self.partition))
-        if self.local_classes not in LOCAL_CLASSES:
-            raise Da3Error(
-                f"--local-classes must be one of {', '.join(LOCAL_CLASSES)}, "
-                f"got {str(self.local_classes)[:40]!r}"
-            )
-        if self.schedule not in SCHEDULES:
-            raise Da3Error(
-                f"--schedule must be one of {', '.join(SCHEDULES)}, got {str(self.schedule)[:40]!r}"
-            )
+        for flag, value, choices in (
+            ("--local-classes", self.local_classes, LOCAL_CLASSES),
+            ("--schedule", self.schedule, SCHEDULES),
+        ):
+            if value not in choices:
+                raise Da3Error(
+                    f"{flag} must be one of {', '.join(choices)}, got {str(value)[:40]!r}"
+                )
 
     @property
     def domain(self) -> str:

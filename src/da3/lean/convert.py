@@ -7,7 +7,7 @@ import copy
 from torch import nn
 
 from da3.backbones.base import Backbone, Block
-from da3.backbones.lazy import materialize
+from da3.backbones.lazy import materialize, set_tensor
 from da3.lean.ops import (
     GlobalAvgPool,
     LeanAffine,
@@ -144,11 +144,8 @@ def to_lean(backbone: Backbone, *, consume: bool = False, frozen_bits: int = 32)
 
         def drop(*stock: nn.Module) -> None:  # and its float32 weights released once made
             for m in stock:
-                for key, t in list(m._parameters.items()) + list(m._buffers.items()):
-                    if t is not None:
-                        meta = t.detach().to("meta")
-                        store = m._parameters if key in m._parameters else m._buffers
-                        store[key] = nn.Parameter(meta, False) if key in m._parameters else meta
+                for key, t in list(m.named_parameters()) + list(m.named_buffers()):
+                    set_tensor(m, key, t.detach().to("meta"))
 
         converter = _Converter(frozen_bits, read, drop)
 
