@@ -308,11 +308,12 @@ def test_a_lite0_run_imports_only_what_it_needs(tmp_path):
     def tops(names):
         return {n.split(".")[0] for n in names} | {n for n in names if n.startswith("torch.")}
 
-    before, after = tops(seen["before_plot"]), tops(seen["after"])
+    after = tops(seen["after"])
+    assert "before_plot" in seen  # the curves were drawn ...
     never = {"torchvision", "onnx", "onnxscript", "onnxruntime", "sklearn", "scipy", "flwr"}
     never |= {"torch._dynamo", "torch.utils.flop_counter"}  # ~155 and ~80 MiB resident
+    never |= {"matplotlib"}  # ... with Pillow: matplotlib costs ~30 MiB (da3.plots)
     assert not never & after, never & after
-    assert "matplotlib" not in before and "matplotlib" in after  # only to draw the plot
 
 
 # ---------------------------------------------------------------------------------------

@@ -240,6 +240,97 @@ def test_conv2d_same_to_lean(device, size, k, groups):
     assert rel(gl, gs) < TOL
 
 
+@pytest.mark.parametrize("size", [(112, 112), (113, 113), (28, 27)], ids=str)
+@pytest.mark.parametrize("k,stride", [(3, 2), (5, 2), (3, 1)])
+def test_same_padded_depthwise_conv_pads_no_copy_and_equals_padding_bit_for_bit(size, k, stride):
+    """A depthwise convolution's TensorFlow "same" padding runs as the convolution's own
+    padding (a leading zero tap where it is asymmetric): no padded copy of the input is
+    made, in the forward or the backward, and outputs and input gradients equal those of
+    the padded copy bit for bit."""
+    groups = 96
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator().manual_seed(5)
+    conv = Conv2dSame(96, 96, k, stride, groups=groups, bias=False)
+    lean = LeanConv2d.from_conv(conv, random_bn(conv.out_channels, g, eps=1e-3))
+    x = torch.randn(1, 96, *size, generator=g)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.padded = []  # numel of each tensor padded
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith("constant_pad_nd"):
+                self.padded.append(args[0].numel())
+            return func(*args, **(kwargs or {}))
+
+    xl = x.clone().requires_grad_()
+    with Ops() as ops:
+        y = lean(xl)
+        up = torch.randn(y.shape, generator=g)
+        y.backward(up)
+    # the only padding made is of the (small) weight, never of the input
+    assert all(n == lean.weight.numel() for n in ops.padded)
+    (top, bottom), (left, right) = (same_padding(n, k, stride) for n in size)
+    assert len(ops.padded) == 2 * (top != bottom or left != right)  # forward, backward
+    # a padded copy into the same convolution unpadded, as before: the same numbers
+    unpadded = LeanConv2d(lean.weight, lean.bias, (stride, stride), (0, 0), (1, 1), groups)
+    xs = x.clone().requires_grad_()
+    ys = unpadded(F.pad(xs, (left, right, top, bottom)))
+    ys.backward(up)
+    assert torch.equal(y, ys)
+    assert torch.equal(xl.grad, xs.grad)
+
+
+@pytest.mark.parametrize(
+    "cin,cout,k,stride,groups,size",
+    [
+        (96, 96, 3, 2, 96, 57),  # depthwise: sliced over its channels
+        (40, 40, 5, 1, 40, 20),  # depthwise, a last slice narrower than the others
+        (16, 96, 1, 1, 1, 56),  # dense: sliced over its output channels (forward) and
+        (96, 24, 1, 1, 1, 56),  # over its input channels (input gradient)
+        (32, 64, 3, 2, 1, 30),
+        (48, 48, 3, 1, 4, 20),  # grouped, not depthwise: whole
+    ],
+)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_sliced_convolution_equals_whole_bit_for_bit(
+    monkeypatch, cin, cout, k, stride, groups, size, batch
+):
+    """Convolutions whose tensors are large run in slices of channels, and give the whole
+    convolution's outputs and input gradients bit for bit (slices forced small here)."""
+    from da3.lean import ops
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(batch, cin, size, size, generator=g)
+    w = torch.randn(cout, cin // groups, k, k, generator=g)
+    b = torch.randn(cout, generator=g)
+    p, s = (k // 2, k // 2), (stride, stride)
+    whole = F.conv2d(x, w, b, s, p, (1, 1), groups)
+    up = torch.randn(whole.shape, generator=g)
+    whole_grad = ops.conv2d_input_grad(x.shape, w, up, s, p, (1, 1), groups)
+    calls = []
+    real = F.conv2d
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "SLICE_BYTES", 8 * 1024)
+    monkeypatch.setattr(ops.F, "conv2d", counted)
+    sliced = ops.sliced_conv2d(x, w, b, s, p, (1, 1), groups)
+    monkeypatch.undo()
+    monkeypatch.setattr(ops, "SLICE_BYTES", 8 * 1024)
+    sliced_grad = ops.sliced_conv2d_input_grad(x.shape, w, up, s, p, (1, 1), groups)
+    assert torch.equal(sliced, whole)
+    assert torch.equal(sliced_grad, whole_grad)
+    if groups in (1, cin):
+        assert len(calls) > 1 and max(calls) < cout and sum(calls) == cout
+    else:
+        assert calls == [cout]
+
+
 @on_devices
 def test_lean_affine_matches_eval_batch_norm(device):
     g = torch.Generator().manual_seed(2)

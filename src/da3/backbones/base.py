@@ -51,6 +51,23 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+def same_conv_padding(
+    size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """TensorFlow "same" padding as a convolution's own (symmetric) padding, without a
+    padded copy of the input: ``(padding, shift)`` per axis. Where "same" pads one more
+    after than before (``p, p + 1``), the convolution pads ``p + 1`` on both sides and its
+    kernel gets one leading zero tap along that axis (``shift`` 1): the extra tap meets only
+    the padding row before the input, and the outputs are the same sums. (Dilation 1 only.)
+    """
+    padding, shift = [], []
+    for n, k, s in zip(size, kernel, stride, strict=True):
+        before, after = same_padding(n, k, s)
+        padding.append(after)
+        shift.append(after - before)  # 0 or 1
+    return (padding[0], padding[1]), (shift[0], shift[1])
+
+
 def pad_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
     """Zero-pad ``x`` for TensorFlow "same" padding (no copy when nothing to pad)."""
     top, bottom = same_padding(x.shape[-2], kernel[0], stride[0])

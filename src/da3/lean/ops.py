@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
 
-from da3.backbones.base import pad_same
+from da3.backbones.base import pad_same, same_conv_padding
 
 # ---------------------------------------------------------------------------------------
 # bit packing
@@ -134,6 +134,78 @@ def conv2d_input_grad(shape, weight, grad, stride, padding, dilation, groups) ->
     return F.conv_transpose2d(grad, weight, None, stride, padding, extra, groups, dilation)
 
 
+SLICE_BYTES = 1 << 20
+"""A frozen convolution whose input or output is larger than this runs in slices of
+channels (:func:`sliced_conv2d`)."""
+SLICE_ALIGN = 16  # channels per slice: a multiple of this (the kernels' channel blocking)
+
+
+def _slices(channels: int, nbytes: int) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges of channels, each about :data:`SLICE_BYTES` of a tensor of
+    ``nbytes`` with ``channels`` channels (one range when it is small, and while the model
+    is being traced for export: a graph of whole convolutions, for any batch size)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return [(0, channels)]
+    parts = -(-nbytes // SLICE_BYTES)
+    if parts <= 1 or channels <= SLICE_ALIGN:
+        return [(0, channels)]
+    step = max(SLICE_ALIGN, channels // parts // SLICE_ALIGN * SLICE_ALIGN)
+    return [(a, min(a + step, channels)) for a in range(0, channels, step)]
+
+
+def _nbytes(shape, t: torch.Tensor) -> int:
+    return math.prod(shape) * t.element_size()
+
+
+def sliced_conv2d(x, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
+    """``F.conv2d``, run in slices of channels where its tensors are large: a depthwise one
+    over its channels, any other (ungrouped) one over its output channels, each slice
+    written into the output. The CPU kernels reorder a convolution's input and output into
+    their own blocked layout; whole, at the widest layers of a mobile network, those copies
+    are the largest tensors of a training step, while a slice's are a few of them. Each
+    output channel is the same sum whether sliced or not: the same numbers, bit for bit
+    (tested); grouped convolutions that are not depthwise run whole."""
+    out_hw = [
+        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i]
+        + 1
+        for i in range(2)
+    ]
+    out_shape = (x.shape[0], weight.shape[0], *out_hw)
+    depthwise = groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1
+    big = max(x.numel() * x.element_size(), _nbytes(out_shape, x))
+    slices = _slices(weight.shape[0], big) if depthwise or groups == 1 else [(0, 0)]
+    if len(slices) == 1:
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    out = x.new_empty(out_shape)
+    for a, e in slices:
+        part = x[:, a:e] if depthwise else x
+        b = None if bias is None else bias[a:e]
+        g = e - a if depthwise else 1
+        out[:, a:e] = F.conv2d(part, weight[a:e], b, stride, padding, dilation, g)
+        del part
+    return out
+
+
+def sliced_conv2d_input_grad(shape, weight, grad, stride, padding, dilation, groups):
+    """:func:`conv2d_input_grad` in slices of the input's channels where its tensors are
+    large (see :func:`sliced_conv2d`): a depthwise one over its channels, any other
+    (ungrouped) one over its input channels; the same numbers, bit for bit (tested)."""
+    depthwise = groups == shape[1] == weight.shape[0] and weight.shape[1] == 1
+    big = max(_nbytes(shape, grad), grad.numel() * grad.element_size())
+    slices = _slices(shape[1], big) if depthwise or groups == 1 else [(0, 0)]
+    if len(slices) == 1:
+        return conv2d_input_grad(shape, weight, grad, stride, padding, dilation, groups)
+    out = grad.new_empty(shape)
+    for a, e in slices:
+        part_shape = (shape[0], e - a, *shape[2:])
+        if depthwise:
+            g, w, groups_ = grad[:, a:e], weight[a:e], e - a
+        else:
+            g, w, groups_ = grad, weight[:, a:e], 1
+        out[:, a:e] = conv2d_input_grad(part_shape, w, g, stride, padding, dilation, groups_)
+    return out
+
+
 FROZEN_BITS = (32, 16, 8)
 INT8_MAX = 127  # symmetric: -127..127 (-128 unused, so that q and -q both exist)
 
@@ -185,26 +257,36 @@ def weight_bits(weight: torch.Tensor) -> int:
     return {torch.int8: 8, torch.float16: 16, torch.bfloat16: 16}.get(weight.dtype, 32)
 
 
+def _run_weight(weight, scale, dtype, shift=(0, 0)) -> torch.Tensor:
+    """The float weight a convolution runs with: dequantized (:func:`dequantize_weight`),
+    with a leading zero tap along each axis that ``shift`` names (see
+    :func:`~da3.backbones.base.same_conv_padding`)."""
+    w = dequantize_weight(weight, scale, dtype)
+    if shift[0] or shift[1]:
+        w = F.pad(w, (shift[1], 0, shift[0], 0))
+    return w
+
+
 class _FrozenConv2dFn(Function):
     @staticmethod
-    def forward(ctx, x, weight, scale, bias, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, scale, bias, stride, padding, dilation, groups, shift):
         # The stored (possibly small) weight is kept, never its float copy.
         ctx.save_for_backward(weight, scale)
-        ctx.conf = (x.shape, stride, padding, dilation, groups)
-        w = dequantize_weight(weight, scale, x.dtype)
-        return F.conv2d(x, w, bias, stride, padding, dilation, groups)
+        ctx.conf = (x.shape, stride, padding, dilation, groups, shift)
+        w = _run_weight(weight, scale, x.dtype, shift)
+        return sliced_conv2d(x, w, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
         weight, scale = ctx.saved_tensors
-        shape, stride, padding, dilation, groups = ctx.conf
+        shape, stride, padding, dilation, groups, shift = ctx.conf
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            w = dequantize_weight(weight, scale, grad.dtype)
-            grad_x = conv2d_input_grad(shape, w, grad, stride, padding, dilation, groups)
+            w = _run_weight(weight, scale, grad.dtype, shift)
+            grad_x = sliced_conv2d_input_grad(shape, w, grad, stride, padding, dilation, groups)
         if ctx.needs_input_grad[3]:
             grad_bias = grad.sum((0, 2, 3))
-        return grad_x, None, None, grad_bias, None, None, None, None
+        return grad_x, None, None, grad_bias, None, None, None, None, None
 
 
 class LeanConv2d(nn.Module):
@@ -295,20 +377,28 @@ class LeanConv2d(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding, shift = self.padding, (0, 0)
         if self.same_pad:
-            x = pad_same(x, tuple(self.weight.shape[-2:]), self.stride)
+            kernel = tuple(self.weight.shape[-2:])
+            if self.dilation == (1, 1) and self.groups > 1:
+                # no padded copy of the input: at the block's widest point that copy
+                # would be alive beside the input itself (same outputs, bit for bit)
+                padding, shift = same_conv_padding(tuple(x.shape[-2:]), kernel, self.stride)
+            else:
+                x = pad_same(x, kernel, self.stride)
         if not (x.requires_grad or self.bias.requires_grad):
-            w = dequantize_weight(self.weight, self.weight_scale, x.dtype)
-            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            w = _run_weight(self.weight, self.weight_scale, x.dtype, shift)
+            return sliced_conv2d(x, w, self.bias, self.stride, padding, self.dilation, self.groups)
         return _FrozenConv2dFn.apply(
             x,
             self.weight,
             self.weight_scale,
             self.bias,
             self.stride,
-            self.padding,
+            padding,
             self.dilation,
             self.groups,
+            shift,
         )
 
     def extra_repr(self) -> str:
