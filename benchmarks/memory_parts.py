@@ -77,6 +77,7 @@ def one(backbone: str, bits: int) -> dict:
     import da3.training  # noqa: F401
     from da3.backbones import create_backbone
     from da3.domains import MultiDomainModel
+    from da3.lean.ops import sliced_convolutions
     from da3.train import evaluate, make_optimizer, train_step
 
     out["imports"] = status("VmRSS")
@@ -96,7 +97,8 @@ def one(backbone: str, bits: int) -> dict:
     x, y = model.preprocess(images), torch.arange(8) % 15
 
     def step(net=net, optimizer=optimizer, x=x) -> None:
-        train_step(net, optimizer, x, y, micro_batch=1)
+        with sliced_convolutions():  # as da3 train runs micro-batches
+            train_step(net, optimizer, x, y, micro_batch=1)
 
     release_memory()
     before, kinds = status("VmRSS"), smaps_by_kind()
@@ -121,7 +123,8 @@ def one(backbone: str, bits: int) -> dict:
     release_memory()
     before = status("VmRSS")
     reset_peak()
-    evaluate(net, images, y, model.preprocess, 1, "cpu")
+    with sliced_convolutions():
+        evaluate(net, images, y, model.preprocess, 1, "cpu")
     out["eval_peak_above"] = status("VmHWM") - before
     trainable = [p for p in net.parameters() if p.requires_grad]
     out["trainable_bytes"] = sum(p.numel() * p.element_size() for p in trainable)

@@ -222,6 +222,45 @@ def test_micro_batches_say_where_they_are_not_exact(frozen):
     assert "batch norms" in micro_batch_coupling(udta)
 
 
+@pytest.mark.parametrize("micro_batch", [0, 2])
+def test_a_run_in_micro_batches_slices_its_convolutions(tmp_path, monkeypatch, micro_batch):
+    """Micro-batches put memory before speed: training and the test evaluation run with the
+    widest convolutions in slices of channels (the same numbers); a whole batch does not."""
+    import da3.train
+    from da3.lean import ops
+    from da3.training import TrainSettings, train_domain
+
+    monkeypatch.setenv("DA3_CACHE_DIR", str(tmp_path / "cache"))
+    seen = []
+    real_fit, real_eval = da3.train.fit_domain, da3.train.evaluate
+
+    def fit_domain(*args, **kwargs):
+        seen.append(("fit", ops.SLICE_BYTES))
+        return real_fit(*args, **kwargs)
+
+    def evaluate(*args, **kwargs):
+        seen.append(("evaluate", ops.SLICE_BYTES))
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(da3.train, "fit_domain", fit_domain)
+    monkeypatch.setattr(da3.train, "evaluate", evaluate)
+    lines = []
+    settings = TrainSettings(
+        domain="d",
+        data=str(class_folder(tmp_path / "f", 4)),
+        weights="none",
+        image_size=32,
+        batch_size=4,
+        epochs=1,
+        micro_batch=micro_batch,
+    )
+    train_domain(settings, tmp_path / "s", echo=lines.append, plot=False)
+    want = ops.DEFAULT_SLICE_BYTES if micro_batch else None
+    assert seen[0] == ("fit", want) and seen[-1] == ("evaluate", want)  # the test split
+    assert ops.SLICE_BYTES is None  # and not after
+    assert any("slices of channels" in line for line in lines) == bool(micro_batch)
+
+
 # ---------------------------------------------------------------------------------------
 # the memory budget
 

@@ -270,10 +270,10 @@ def test_same_padded_depthwise_conv_pads_no_copy_and_equals_padding_bit_for_bit(
         y = lean(xl)
         up = torch.randn(y.shape, generator=g)
         y.backward(up)
-    # the only padding made is of the (small) weight, never of the input
-    assert all(n == lean.weight.numel() for n in ops.padded)
+    # the only padding made is of the (small) weight or its slices, never of the input
+    assert all(n <= lean.weight.numel() for n in ops.padded)
     (top, bottom), (left, right) = (same_padding(n, k, stride) for n in size)
-    assert len(ops.padded) == 2 * (top != bottom or left != right)  # forward, backward
+    assert bool(ops.padded) == (top != bottom or left != right)
     # a padded copy into the same convolution unpadded, as before: the same numbers
     unpadded = LeanConv2d(lean.weight, lean.bias, (stride, stride), (0, 0), (1, 1), groups)
     xs = x.clone().requires_grad_()
@@ -295,16 +295,19 @@ def test_same_padded_depthwise_conv_pads_no_copy_and_equals_padding_bit_for_bit(
     ],
 )
 @pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("bits", [32, 8])
 def test_sliced_convolution_equals_whole_bit_for_bit(
-    monkeypatch, cin, cout, k, stride, groups, size, batch
+    monkeypatch, cin, cout, k, stride, groups, size, batch, bits
 ):
-    """Convolutions whose tensors are large run in slices of channels, and give the whole
-    convolution's outputs and input gradients bit for bit (slices forced small here)."""
+    """Convolutions whose tensors (or float weights) are large run in slices of channels,
+    each slice's float weight made alone, and give the whole convolution's outputs and
+    input gradients bit for bit (slices forced small here)."""
     from da3.lean import ops
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(batch, cin, size, size, generator=g)
-    w = torch.randn(cout, cin // groups, k, k, generator=g)
+    stored, scale = ops.quantize_weight(torch.randn(cout, cin // groups, k, k, generator=g), bits)
+    w = ops.dequantize_weight(stored, scale)
     b = torch.randn(cout, generator=g)
     p, s = (k // 2, k // 2), (stride, stride)
     whole = F.conv2d(x, w, b, s, p, (1, 1), groups)
@@ -319,10 +322,10 @@ def test_sliced_convolution_equals_whole_bit_for_bit(
 
     monkeypatch.setattr(ops, "SLICE_BYTES", 8 * 1024)
     monkeypatch.setattr(ops.F, "conv2d", counted)
-    sliced = ops.sliced_conv2d(x, w, b, s, p, (1, 1), groups)
+    sliced = ops.sliced_conv2d(x, stored, scale, b, s, p, (1, 1), groups)
     monkeypatch.undo()
     monkeypatch.setattr(ops, "SLICE_BYTES", 8 * 1024)
-    sliced_grad = ops.sliced_conv2d_input_grad(x.shape, w, up, s, p, (1, 1), groups)
+    sliced_grad = ops.sliced_conv2d_input_grad(x.shape, stored, scale, up, s, p, (1, 1), groups)
     assert torch.equal(sliced, whole)
     assert torch.equal(sliced_grad, whole_grad)
     if groups in (1, cin):

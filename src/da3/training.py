@@ -21,6 +21,7 @@ optimizer moments), data held (one batch; the images stay in the cache file).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from collections.abc import Callable
@@ -424,6 +425,15 @@ def train_domain(
     )
 
 
+def _sliced(tc):
+    """In micro-batches, memory comes before speed: the widest convolutions run in slices
+    of channels (:func:`da3.lean.ops.sliced_convolutions`: the same numbers, steps about
+    10-20% slower)."""
+    from da3.lean.ops import sliced_convolutions
+
+    return sliced_convolutions() if tc.step_batch < tc.batch_size else contextlib.nullcontext()
+
+
 def _fit_and_save(
     settings, store, run_dir, checkpoints, model, meter, say, resume, progress, warm_start
 ) -> dict:
@@ -491,6 +501,7 @@ def _fit_and_save(
                 if coupled
                 else "the same gradient as the full batch, to float rounding"
             )
+            + "; the widest convolutions run in slices of channels (less memory, slower)"
         )
     with meter.phase("data"):
         data = load_domain(settings.data, settings.image_size, progress=progress)
@@ -509,7 +520,7 @@ def _fit_and_save(
     import yaml
 
     write_text(run_dir / "config.yaml", yaml.safe_dump(settings.to_values(), sort_keys=False))
-    with meter.phase("training"):
+    with meter.phase("training"), _sliced(tc):
         result = fit_domain(
             domain.model,
             data,
@@ -541,7 +552,7 @@ def _fit_and_save(
         "batch_size": tc.batch_size,
     }
     release_memory()
-    with meter.phase("test"):
+    with meter.phase("test"), _sliced(tc):
         domain.model.load_domain_state(result.best_state)
         test = evaluate(
             domain.model,

@@ -39,6 +39,7 @@ Values then equal a stock convolution whose weight is the dequantized one.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -134,76 +135,39 @@ def conv2d_input_grad(shape, weight, grad, stride, padding, dilation, groups) ->
     return F.conv_transpose2d(grad, weight, None, stride, padding, extra, groups, dilation)
 
 
-SLICE_BYTES = 1 << 20
-"""A frozen convolution whose input or output is larger than this runs in slices of
-channels (:func:`sliced_conv2d`)."""
+SLICE_BYTES: int | None = None
+"""While set (:func:`sliced_convolutions`), a frozen convolution whose input, output or
+float weight is larger than this many bytes runs in slices of channels
+(:func:`sliced_conv2d`); None: every convolution runs whole."""
+DEFAULT_SLICE_BYTES = 1 << 20
 SLICE_ALIGN = 16  # channels per slice: a multiple of this (the kernels' channel blocking)
+
+
+@contextlib.contextmanager
+def sliced_convolutions(nbytes: int | None = DEFAULT_SLICE_BYTES):
+    """Within this block, frozen convolutions larger than ``nbytes`` run in slices of
+    channels (:func:`sliced_conv2d`): the same numbers for less memory, at some cost in
+    time (measured with micro-batches of one 224 px image, 1 MiB: steps 10-20% slower,
+    ``benchmarks/memory_parts.py``). A training run in micro-batches runs so."""
+    global SLICE_BYTES
+    before, SLICE_BYTES = SLICE_BYTES, nbytes
+    try:
+        yield
+    finally:
+        SLICE_BYTES = before
 
 
 def _slices(channels: int, nbytes: int) -> list[tuple[int, int]]:
     """``[start, end)`` ranges of channels, each about :data:`SLICE_BYTES` of a tensor of
     ``nbytes`` with ``channels`` channels (one range when it is small, and while the model
     is being traced for export: a graph of whole convolutions, for any batch size)."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if SLICE_BYTES is None or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return [(0, channels)]
     parts = -(-nbytes // SLICE_BYTES)
     if parts <= 1 or channels <= SLICE_ALIGN:
         return [(0, channels)]
     step = max(SLICE_ALIGN, channels // parts // SLICE_ALIGN * SLICE_ALIGN)
     return [(a, min(a + step, channels)) for a in range(0, channels, step)]
-
-
-def _nbytes(shape, t: torch.Tensor) -> int:
-    return math.prod(shape) * t.element_size()
-
-
-def sliced_conv2d(x, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
-    """``F.conv2d``, run in slices of channels where its tensors are large: a depthwise one
-    over its channels, any other (ungrouped) one over its output channels, each slice
-    written into the output. The CPU kernels reorder a convolution's input and output into
-    their own blocked layout; whole, at the widest layers of a mobile network, those copies
-    are the largest tensors of a training step, while a slice's are a few of them. Each
-    output channel is the same sum whether sliced or not: the same numbers, bit for bit
-    (tested); grouped convolutions that are not depthwise run whole."""
-    out_hw = [
-        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i]
-        + 1
-        for i in range(2)
-    ]
-    out_shape = (x.shape[0], weight.shape[0], *out_hw)
-    depthwise = groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1
-    big = max(x.numel() * x.element_size(), _nbytes(out_shape, x))
-    slices = _slices(weight.shape[0], big) if depthwise or groups == 1 else [(0, 0)]
-    if len(slices) == 1:
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    out = x.new_empty(out_shape)
-    for a, e in slices:
-        part = x[:, a:e] if depthwise else x
-        b = None if bias is None else bias[a:e]
-        g = e - a if depthwise else 1
-        out[:, a:e] = F.conv2d(part, weight[a:e], b, stride, padding, dilation, g)
-        del part
-    return out
-
-
-def sliced_conv2d_input_grad(shape, weight, grad, stride, padding, dilation, groups):
-    """:func:`conv2d_input_grad` in slices of the input's channels where its tensors are
-    large (see :func:`sliced_conv2d`): a depthwise one over its channels, any other
-    (ungrouped) one over its input channels; the same numbers, bit for bit (tested)."""
-    depthwise = groups == shape[1] == weight.shape[0] and weight.shape[1] == 1
-    big = max(_nbytes(shape, grad), grad.numel() * grad.element_size())
-    slices = _slices(shape[1], big) if depthwise or groups == 1 else [(0, 0)]
-    if len(slices) == 1:
-        return conv2d_input_grad(shape, weight, grad, stride, padding, dilation, groups)
-    out = grad.new_empty(shape)
-    for a, e in slices:
-        part_shape = (shape[0], e - a, *shape[2:])
-        if depthwise:
-            g, w, groups_ = grad[:, a:e], weight[a:e], e - a
-        else:
-            g, w, groups_ = grad, weight[:, a:e], 1
-        out[:, a:e] = conv2d_input_grad(part_shape, w, g, stride, padding, dilation, groups_)
-    return out
 
 
 FROZEN_BITS = (32, 16, 8)
@@ -267,14 +231,89 @@ def _run_weight(weight, scale, dtype, shift=(0, 0)) -> torch.Tensor:
     return w
 
 
+def _float_bytes(weight: torch.Tensor, shift, dtype: torch.dtype) -> int:
+    """Bytes of the float weight a stored one runs as (:func:`_run_weight`). Weights are
+    sliced at twice :data:`SLICE_BYTES` (a ResNet-50's: the same peak, measured, and steps
+    5% slower rather than 20%: its convolutions at 7 x 7 cost little memory but many
+    calls)."""
+    k = (weight.shape[2] + shift[0]) * (weight.shape[3] + shift[1])
+    return weight.shape[0] * weight.shape[1] * k * torch.finfo(dtype).bits // 8
+
+
+def _is_depthwise(channels: int, weight: torch.Tensor, groups: int) -> bool:
+    return groups == channels == weight.shape[0] and weight.shape[1] == 1
+
+
+def sliced_conv2d(x, weight, scale, bias, stride, padding, dilation, groups, shift=(0, 0)):
+    """``F.conv2d`` of ``x`` with the float weight a stored one stands for (``weight`` and
+    ``scale`` as stored, ``shift`` its leading zero taps: :func:`_run_weight`), run in
+    slices of channels where its tensors are large: a depthwise convolution over its
+    channels, any other (ungrouped) one over its output channels, each slice written into
+    the output, its float weight made for that slice alone.
+
+    The CPU kernels copy a convolution's input, output and weight into their own blocked
+    layouts, and a weight stored small is first turned into float: whole, those copies of
+    the widest layers of a mobile network, or of the largest weights of a ResNet, are the
+    largest tensors of a training step, while a slice's are a few of them. Each output
+    channel is the same sum, sliced or not: the same numbers, bit for bit (tested).
+    Grouped convolutions that are not depthwise run whole."""
+    kernel = (weight.shape[2] + shift[0], weight.shape[3] + shift[1])
+    out_hw = [
+        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+        for i in range(2)
+    ]
+    out_shape = (x.shape[0], weight.shape[0], *out_hw)
+    depthwise = _is_depthwise(x.shape[1], weight, groups)
+    big = max(x.numel(), math.prod(out_shape)) * x.element_size()
+    big = max(big, _float_bytes(weight, shift, x.dtype) // 2)  # see _float_bytes
+    slices = _slices(weight.shape[0], big) if depthwise or groups == 1 else [(0, 0)]
+    if len(slices) == 1:
+        w = _run_weight(weight, scale, x.dtype, shift)
+        return F.conv2d(x, w, bias, stride, padding, dilation, groups)
+    out = x.new_empty(out_shape)
+    for a, e in slices:
+        w = _run_weight(weight[a:e], None if scale is None else scale[a:e], x.dtype, shift)
+        part = x[:, a:e] if depthwise else x
+        b = None if bias is None else bias[a:e]
+        out[:, a:e] = F.conv2d(part, w, b, stride, padding, dilation, e - a if depthwise else 1)
+        del w, part
+    return out
+
+
+def sliced_conv2d_input_grad(
+    shape, weight, scale, grad, stride, padding, dilation, groups, shift=(0, 0)
+):
+    """:func:`conv2d_input_grad` with the float weight a stored one stands for, in slices
+    of the input's channels where its tensors are large (see :func:`sliced_conv2d`): a
+    depthwise convolution over its channels, any other (ungrouped) one over its input
+    channels; the same numbers, bit for bit (tested)."""
+    depthwise = _is_depthwise(shape[1], weight, groups)
+    big = max(math.prod(shape), grad.numel()) * grad.element_size()
+    big = max(big, _float_bytes(weight, shift, grad.dtype) // 2)
+    slices = _slices(shape[1], big) if depthwise or groups == 1 else [(0, 0)]
+    if len(slices) == 1:
+        w = _run_weight(weight, scale, grad.dtype, shift)
+        return conv2d_input_grad(shape, w, grad, stride, padding, dilation, groups)
+    out = grad.new_empty(shape)
+    for a, e in slices:
+        part_shape = (shape[0], e - a, *shape[2:])
+        if depthwise:
+            sc = None if scale is None else scale[a:e]
+            w, g, n = _run_weight(weight[a:e], sc, grad.dtype, shift), grad[:, a:e], e - a
+        else:  # the scale is per output channel: all of it
+            w, g, n = _run_weight(weight[:, a:e], scale, grad.dtype, shift), grad, 1
+        out[:, a:e] = conv2d_input_grad(part_shape, w, g, stride, padding, dilation, n)
+        del w
+    return out
+
+
 class _FrozenConv2dFn(Function):
     @staticmethod
     def forward(ctx, x, weight, scale, bias, stride, padding, dilation, groups, shift):
         # The stored (possibly small) weight is kept, never its float copy.
         ctx.save_for_backward(weight, scale)
         ctx.conf = (x.shape, stride, padding, dilation, groups, shift)
-        w = _run_weight(weight, scale, x.dtype, shift)
-        return sliced_conv2d(x, w, bias, stride, padding, dilation, groups)
+        return sliced_conv2d(x, weight, scale, bias, stride, padding, dilation, groups, shift)
 
     @staticmethod
     def backward(ctx, grad):
@@ -282,8 +321,9 @@ class _FrozenConv2dFn(Function):
         shape, stride, padding, dilation, groups, shift = ctx.conf
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            w = _run_weight(weight, scale, grad.dtype, shift)
-            grad_x = sliced_conv2d_input_grad(shape, w, grad, stride, padding, dilation, groups)
+            grad_x = sliced_conv2d_input_grad(
+                shape, weight, scale, grad, stride, padding, dilation, groups, shift
+            )
         if ctx.needs_input_grad[3]:
             grad_bias = grad.sum((0, 2, 3))
         return grad_x, None, None, grad_bias, None, None, None, None, None
@@ -387,8 +427,17 @@ class LeanConv2d(nn.Module):
             else:
                 x = pad_same(x, kernel, self.stride)
         if not (x.requires_grad or self.bias.requires_grad):
-            w = _run_weight(self.weight, self.weight_scale, x.dtype, shift)
-            return sliced_conv2d(x, w, self.bias, self.stride, padding, self.dilation, self.groups)
+            return sliced_conv2d(
+                x,
+                self.weight,
+                self.weight_scale,
+                self.bias,
+                self.stride,
+                padding,
+                self.dilation,
+                self.groups,
+                shift,
+            )
         return _FrozenConv2dFn.apply(
             x,
             self.weight,
