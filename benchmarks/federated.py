@@ -11,7 +11,7 @@ batch 32, seed 0, augmented):
 * **federated**, per partition: ``da3 federate`` in Flower's simulation engine, ``--clients``
   devices each holding its shard, ``--rounds`` rounds of ``--local-epochs`` local epochs
   (each device's loss over every class or its own, ``--local-classes``; its learning rate decaying
-  over the whole run, ``--schedule``), FedAvg; the global
+  over the whole run, ``--schedule``), FedAvg (or FedAvgM, ``--server-momentum``); the global
   domain's test accuracy after every round, and the bytes each client receives and sends per
   round (protobuf content of Flower's messages, counted by the server);
 * **alone**, per partition: each client trains DA3 on its own shard only, the same local
@@ -122,6 +122,7 @@ def federated(
     local: int = 1,
     local_classes: str = "all",
     schedule: str = "rounds",
+    server_momentum: float = 0.0,
 ) -> dict:
     values = {**proto, "epochs": None}
     settings = FederateSettings.from_values(
@@ -135,6 +136,7 @@ def federated(
             "local_epochs": local,
             "local_classes": local_classes,
             "schedule": schedule,
+            "server_momentum": server_momentum,
         }
     )
     t0 = time.perf_counter()
@@ -161,8 +163,12 @@ def markdown(info: dict, payload: dict) -> str:
         f"{payload.get('local_epochs', 1)} local epoch(s), each device's loss over "
         f"{payload.get('local_classes', 'all')} classes, learning rate decayed over "
         f"{'the whole run' if payload.get('schedule', 'round') == 'rounds' else 'each round'}, "
-        "FedAvg "
-        f"(Flower {payload['flwr']}, simulation engine); alone: each client on its own shard, "
+        + (
+            f"FedAvgM (server momentum {payload['server_momentum']}) "
+            if payload.get("server_momentum")
+            else "FedAvg "
+        )
+        + f"(Flower {payload['flwr']}, simulation engine); alone: each client on its own shard, "
         f"{p['epochs']} epochs\n",
     )
     out += (
@@ -235,7 +241,12 @@ def merge(out: str, parts: list[str]) -> None:
         same = ("protocol", "clients", "rounds", "flwr")
         if any(other[k] != payload[k] for k in same) or any(
             other.get(k, d) != payload.get(k, d)
-            for k, d in (("local_epochs", 1), ("local_classes", "all"), ("schedule", "round"))
+            for k, d in (
+                ("local_epochs", 1),
+                ("local_classes", "all"),
+                ("schedule", "round"),
+                ("server_momentum", 0.0),
+            )
         ):
             raise SystemExit(f"{name}.json: another protocol than {out}.json's")
         done = {(r["domain"], r["partition"]) for r in other["records"]}
@@ -276,6 +287,12 @@ def main() -> None:
         "(before: round)",
     )
     ap.add_argument(
+        "--server-momentum",
+        type=float,
+        default=0.0,
+        help="the server's update: FedAvgM with this momentum (default 0: FedAvg)",
+    )
+    ap.add_argument(
         "--fleet-only", action="store_true", help="no pooled and alone baselines (a variant)"
     )
     ap.add_argument("--image-size", type=int, help="instead of the protocol's (a smoke run)")
@@ -303,6 +320,7 @@ def main() -> None:
         "local_epochs": args.local_epochs,
         "local_classes": args.local_classes,
         "schedule": args.schedule,
+        "server_momentum": args.server_momentum,
         "partitions": args.partitions.split(","),
         "flwr": flwr.__version__,
         "records": [],
@@ -323,6 +341,7 @@ def main() -> None:
                     args.local_epochs,
                     args.local_classes,
                     args.schedule,
+                    args.server_momentum,
                 )
                 own = None if args.fleet_only else alone(domain, proto, args.clients, partition)
                 print(f"{domain} {partition}: federated {fed['test_accuracy']:.4f}", flush=True)

@@ -246,6 +246,47 @@ def test_fedavg_is_exact_on_known_tensors(task_identity):
         strategy.aggregate_train(1, replies[:2])
 
 
+def test_server_momentum_is_fedavgm_on_known_tensors(task_identity):
+    """--server-momentum: the server moves the global state by momentum on the average's
+    change (FedAvgM); round 1 is plain FedAvg, round 2 adds the momentum of round 1."""
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+    from da3.federated.server import FleetFedAvg
+
+    s = FederateSettings(
+        train=settings("digits").train, clients=2, rounds=2, server_momentum=0.5, server_lr=1.0
+    )
+    strategy = FleetFedAvg(s, {"w": ((2,), "float32")})
+
+    def replies(values):
+        out = []
+        for node, v in enumerate(values):
+            ins = Message(content=RecordDict(), dst_node_id=10 + node, message_type="train")
+            content = RecordDict(
+                {
+                    "arrays": ArrayRecord({"w": torch.full((2,), v)}),
+                    "metrics": MetricRecord({"num-examples": 1, "train-loss": 0.5}),
+                }
+            )
+            out.append(Message(content=content, reply_to=ins))
+        return out
+
+    strategy.current_arrays = ArrayRecord({"w": torch.full((2,), 8.0)})  # the initial state
+    for r in (1, 2):
+        strategy.rounds[r] = {"clients_asked": 2}
+    one, _ = strategy.aggregate_train(1, replies([4.0, 6.0]))  # average 5: change -3
+    assert torch.equal(one.to_torch_state_dict()["w"], torch.full((2,), 5.0))
+    two, _ = strategy.aggregate_train(2, replies([3.0, 3.0]))  # change -2, plus 0.5 x -3
+    assert torch.equal(two.to_torch_state_dict()["w"], torch.full((2,), 5.0 - 2.0 - 1.5))
+    # the defaults are FedAvg: no server update at all
+    plain = FleetFedAvg(FederateSettings(train=settings("digits").train), {})
+    assert not plain.server_opt
+    with pytest.raises(Da3Error, match="--server-momentum must be in"):
+        FederateSettings(train=settings("digits").train, server_momentum=1.0)
+    with pytest.raises(Da3Error, match="'server_lr' expects a number"):
+        FederateSettings.from_values({"domain": "d", "data": "digits", "server_lr": "fast"})
+
+
 # ---------------------------------------------------------------------------------------
 # a simulated fleet
 
@@ -318,6 +359,8 @@ def test_flower_app_is_written_and_valid(toy, tmp_path, capsys):
         (["--local-epochs", "0"], ["--local-epochs must be at least 1"]),
         (["--local-classes", "some"], ["--local-classes must be one of own, all", "some"]),
         (["--schedule", "epoch"], ["--schedule must be one of rounds, round", "epoch"]),
+        (["--server-momentum", "1.5"], ["--server-momentum must be in [0, 1)", "1.5"]),
+        (["--server-lr", "0"], ["--server-lr must be above 0"]),
     ],
 )
 def test_bad_arguments_one_line_store_unchanged(toy, tmp_path, capsys, extra, needles):

@@ -14,6 +14,8 @@ FLEET_FLAGS = (
     "min_clients",
     "local_classes",
     "schedule",
+    "server_momentum",
+    "server_lr",
 )
 TRAIN_FLAGS = ("domain", "data", "method", "backbone", "weights", "image_size", "batch_size")
 TRAIN_FLAGS += ("seed", "device")
@@ -64,6 +66,18 @@ def register(commands) -> None:
         "--schedule",
         help="the devices' learning rate: rounds (one decay over the whole run; default) or "
         "round (the decay starts over every round)",
+    )
+    p.add_argument(
+        "--server-momentum",
+        type=float,
+        dest="server_momentum",
+        help="momentum of the server's update (Flower's FedAvgM; default 0: FedAvg)",
+    )
+    p.add_argument(
+        "--server-lr",
+        type=float,
+        dest="server_lr",
+        help="learning rate of the server's update (FedAvgM; default 1)",
     )
     p.add_argument(
         "--min-clients",

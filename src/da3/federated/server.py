@@ -1,10 +1,11 @@
-"""The ServerApp: federated averaging of a domain's own state, with Flower's FedAvg.
+"""The ServerApp: federated averaging of a domain's own state, with Flower's FedAvg(M).
 
 Each round, Flower's :class:`~flwr.serverapp.strategy.FedAvg` sends the global domain state
 (an ArrayRecord of the domain's tensors, nothing of the backbone) and the run's settings to
 every connected client, and averages the states they send back weighted by ``num-examples``
-(each client's number of training images): exact FedAvg. :class:`FleetFedAvg` adds three
-things to it and nothing else:
+(each client's number of training images): exact FedAvg (with ``--server-momentum`` or
+``--server-lr``, the server moves the global state as Flower's FedAvgM does: momentum on
+the average's change). :class:`FleetFedAvg` adds three things to it and nothing else:
 
 * the traffic, counted: the bytes of every message's content as Flower serialises it
   (protobuf), per client and round, in both directions, and the tensors' own bytes;
@@ -31,7 +32,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvgM
 
 from da3.errors import Da3Error
 from da3.federated.client import ARRAYS, build_domain, settings_record, state_from_arrays
@@ -54,8 +55,9 @@ def tensor_bytes(arrays: ArrayRecord) -> int:
     return int(sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays.values()))
 
 
-class FleetFedAvg(FedAvg):
-    """FedAvg over every connected client, counting the traffic (see the module docstring)."""
+class FleetFedAvg(FedAvgM):
+    """FedAvg over every connected client, counting the traffic (see the module docstring);
+    with ``server_momentum`` or ``server_lr`` set, FedAvgM's server update."""
 
     def __init__(self, settings: FederateSettings, expected: dict[str, tuple]) -> None:
         super().__init__(
@@ -63,6 +65,8 @@ class FleetFedAvg(FedAvg):
             fraction_evaluate=0.0,  # the server evaluates the global domain on test itself
             min_train_nodes=settings.clients,
             min_available_nodes=settings.clients,
+            server_learning_rate=settings.server_lr,
+            server_momentum=settings.server_momentum,
         )
         self.settings = settings
         self.expected = expected  # name -> (shape, dtype) of the domain's own tensors

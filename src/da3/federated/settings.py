@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,8 @@ FLEET_DEFAULTS: dict[str, Any] = {
     "min_clients": 0,  # 0: every client must answer every round
     "local_classes": "all",  # all: a device's loss reads every class; own: those it holds
     "schedule": "rounds",  # rounds: the learning rate decays over the whole run; round: each
+    "server_momentum": 0.0,  # FedAvgM's server momentum (0: FedAvg)
+    "server_lr": 1.0,  # FedAvgM's server learning rate (1 with momentum 0: FedAvg)
 }
 LOCAL_CLASSES = ("own", "all")
 SCHEDULES = ("rounds", "round")
@@ -44,7 +47,11 @@ class FederateSettings:
     so it is not the default.
     ``schedule``: ``"rounds"`` (default): each device's learning rate follows one cosine
     decay over all the rounds (round r trains its part of it), as one training run's does
-    over its epochs; ``"round"``: the decay starts over in every round."""
+    over its epochs; ``"round"``: the decay starts over in every round.
+    ``server_momentum``, ``server_lr``: the server's update is FedAvgM's (Hsu et al. 2019,
+    Flower's :class:`~flwr.serverapp.strategy.FedAvgM`): the average's change to the global
+    state is a pseudo-gradient, given momentum and a learning rate; 0 and 1 (the defaults)
+    are plain FedAvg."""
 
     train: Any  # da3.training.TrainSettings
     clients: int = 2
@@ -53,6 +60,8 @@ class FederateSettings:
     min_clients: int = 0
     local_classes: str = "all"
     schedule: str = "rounds"
+    server_momentum: float = 0.0
+    server_lr: float = 1.0
 
     def __post_init__(self) -> None:
         self.check()
@@ -67,6 +76,10 @@ class FederateSettings:
                 f"--min-clients must be between 0 (all) and --clients ({self.clients}), "
                 f"got {self.min_clients}"
             )
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise Da3Error(f"--server-momentum must be in [0, 1), got {self.server_momentum}")
+        if not self.server_lr > 0.0:
+            raise Da3Error(f"--server-lr must be above 0, got {self.server_lr}")
         self.partition = str(parse_partition(self.partition))
         for flag, value, choices in (
             ("--local-classes", self.local_classes, LOCAL_CLASSES),
@@ -112,6 +125,15 @@ class FederateSettings:
                     value = int(str(value))
                 except ValueError:
                     raise Da3Error(f"setting {key!r} expects an integer, got {value!r}") from None
+            if isinstance(default, float):
+                try:
+                    value = float(str(value))
+                except ValueError:
+                    raise Da3Error(
+                        f"setting {key!r} expects a number, got {str(value)[:40]!r}"
+                    ) from None
+                if not math.isfinite(value):
+                    raise Da3Error(f"setting {key!r} expects a finite number, got {value}")
             fleet[key] = value
         local = fleet.pop("local_epochs")
         if local < 1:
@@ -131,6 +153,8 @@ class FederateSettings:
             "min_clients": self.min_clients,
             "local_classes": self.local_classes,
             "schedule": self.schedule,
+            "server_momentum": self.server_momentum,
+            "server_lr": self.server_lr,
             **train,
         }
 
