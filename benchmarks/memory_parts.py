@@ -14,8 +14,11 @@ and reads its own memory between the steps a run takes:
   and data of shared libraries paged in (file-backed), heap (small allocations), other
   anonymous memory (the gradients, AdamW's moments, large blocks);
 * a later step and an evaluation pass (8 images, one at a time), each with the high-water
-  mark reset before it (``/proc/self/clear_refs``), so its own transient peak is read;
-* the training-curves plot (`da3.plots.plot_curves`: importing matplotlib and drawing).
+  mark reset before it (``/proc/self/clear_refs``), so its own transient peak is read; steps
+  and evaluation run as ``da3 train --micro-batch 1`` runs them, the widest convolutions in
+  slices of channels (``da3.lean.ops.sliced_convolutions``), and what that costs in time is
+  read too (steps with whole and with sliced convolutions, interleaved);
+* the training-curves plot (`da3.plots.plot_curves`: Pillow, imported here, and drawing).
 
 Linux only. Writes benchmarks/results/memory_parts.{json,md}.
 """
@@ -119,6 +122,20 @@ def one(backbone: str, bits: int) -> dict:
         step()
         later.append(status("VmHWM") - before)
     out["later_step_peak_above"] = sorted(later)[1]  # the median of 3
+    # what slicing costs in time: whole and sliced steps interleaved, the median of 3 each
+    import da3.lean.ops as ops
+
+    times: dict[str, list[float]] = {"whole": [], "sliced": []}
+    for _ in range(3):
+        for kind in times:
+            t0 = time.perf_counter()
+            if kind == "sliced":
+                step()
+            else:
+                train_step(net, optimizer, x, y, micro_batch=1)
+            times[kind].append(time.perf_counter() - t0)
+    assert ops.SLICE_BYTES is None
+    out["step_seconds"] = {k: sorted(v)[1] for k, v in times.items()}
     net.eval()
     release_memory()
     before = status("VmRSS")
@@ -172,6 +189,15 @@ def markdown(info: dict, rows: list[dict]) -> str:
             f"{k['anon'] / MiB:.1f} | {r['later_step_peak_above'] / MiB:.1f} | "
             f"{r['eval_peak_above'] / MiB:.1f} | {r['plot_peak_above'] / MiB:.1f} |\n"
         )
+    out += "\nA later step's time (median of 3, interleaved), convolutions whole / sliced: " + (
+        ", ".join(
+            f"{r['backbone']} {r['step_seconds']['whole']:.2f} s / "
+            f"{r['step_seconds']['sliced']:.2f} s "
+            f"({r['step_seconds']['sliced'] / r['step_seconds']['whole']:.2f}x)"
+            for r in rows
+        )
+        + ".\n"
+    )
     out += (
         "\nTrainable tensors (DA3's adaptors and head): "
         + ", ".join(f"{r['backbone']} {r['trainable_bytes'] / MiB:.1f} MiB" for r in rows)

@@ -428,7 +428,7 @@ def train_domain(
 def _sliced(tc):
     """In micro-batches, memory comes before speed: the widest convolutions run in slices
     of channels (:func:`da3.lean.ops.sliced_convolutions`: the same numbers, steps about
-    10-20% slower)."""
+    1.1x slower)."""
     from da3.lean.ops import sliced_convolutions
 
     return sliced_convolutions() if tc.step_batch < tc.batch_size else contextlib.nullcontext()

@@ -225,8 +225,14 @@ def _run_rounds(grid: Grid, settings: FederateSettings, store, say) -> dict:
         f"federated {settings.method}: {settings.clients} clients, {settings.rounds} rounds of "
         f"{settings.local_epochs} local epoch(s), partition {settings.partition}, "
         f"local loss over {settings.local_classes} classes, learning rate decayed over "
-        f"{'the whole run' if settings.schedule == 'rounds' else 'each round'}; "
-        f"{len(state)} tensors travel ({state_bytes / KiB:.1f} KiB), "
+        f"{'the whole run' if settings.schedule == 'rounds' else 'each round'}, "
+        + (
+            f"FedAvgM (server momentum {settings.server_momentum:g}, learning rate "
+            f"{settings.server_lr:g}); "
+            if strategy.server_opt
+            else "FedAvg; "
+        )
+        + f"{len(state)} tensors travel ({state_bytes / KiB:.1f} KiB), "
         "never the backbone"
     )
     result = strategy.start(

@@ -147,7 +147,7 @@ SLICE_ALIGN = 16  # channels per slice: a multiple of this (the kernels' channel
 def sliced_convolutions(nbytes: int | None = DEFAULT_SLICE_BYTES):
     """Within this block, frozen convolutions larger than ``nbytes`` run in slices of
     channels (:func:`sliced_conv2d`): the same numbers for less memory, at some cost in
-    time (measured with micro-batches of one 224 px image, 1 MiB: steps 10-20% slower,
+    time (micro-batches of one 224 px image, 1 MiB: steps about 1.1x slower, measured by
     ``benchmarks/memory_parts.py``). A training run in micro-batches runs so."""
     global SLICE_BYTES
     before, SLICE_BYTES = SLICE_BYTES, nbytes
@@ -233,9 +233,8 @@ def _run_weight(weight, scale, dtype, shift=(0, 0)) -> torch.Tensor:
 
 def _float_bytes(weight: torch.Tensor, shift, dtype: torch.dtype) -> int:
     """Bytes of the float weight a stored one runs as (:func:`_run_weight`). Weights are
-    sliced at twice :data:`SLICE_BYTES` (a ResNet-50's: the same peak, measured, and steps
-    5% slower rather than 20%: its convolutions at 7 x 7 cost little memory but many
-    calls)."""
+    sliced at twice :data:`SLICE_BYTES`: a ResNet-50's last stages have large weights on
+    small maps, where more slices mean many more calls for little memory."""
     k = (weight.shape[2] + shift[0]) * (weight.shape[3] + shift[1])
     return weight.shape[0] * weight.shape[1] * k * torch.finfo(dtype).bits // 8
 
