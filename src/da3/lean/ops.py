@@ -263,7 +263,8 @@ def sliced_conv2d(x, weight, scale, bias, stride, padding, dilation, groups, shi
     ]
     out_shape = (x.shape[0], weight.shape[0], *out_hw)
     depthwise = _is_depthwise(x.shape[1], weight, groups)
-    big = max(x.numel(), math.prod(out_shape)) * x.element_size()
+    # what slices make smaller: the output and the weight, and a depthwise one's input
+    big = max(x.numel() if depthwise else 0, math.prod(out_shape)) * x.element_size()
     big = max(big, _float_bytes(weight, shift, x.dtype) // 2)  # see _float_bytes
     slices = _slices(weight.shape[0], big) if depthwise or groups == 1 else [(0, 0)]
     if len(slices) == 1:
@@ -287,7 +288,7 @@ def sliced_conv2d_input_grad(
     depthwise convolution over its channels, any other (ungrouped) one over its input
     channels; the same numbers, bit for bit (tested)."""
     depthwise = _is_depthwise(shape[1], weight, groups)
-    big = max(math.prod(shape), grad.numel()) * grad.element_size()
+    big = max(math.prod(shape), grad.numel() if depthwise else 0) * grad.element_size()
     big = max(big, _float_bytes(weight, shift, grad.dtype) // 2)
     slices = _slices(shape[1], big) if depthwise or groups == 1 else [(0, 0)]
     if len(slices) == 1:
@@ -419,35 +420,17 @@ class LeanConv2d(nn.Module):
         padding, shift = self.padding, (0, 0)
         if self.same_pad:
             kernel = tuple(self.weight.shape[-2:])
-            if self.dilation == (1, 1) and self.groups > 1:
-                # no padded copy of the input: at the block's widest point that copy
+            if self.dilation == (1, 1) and self.groups > 1 and self.weight.shape[1] == 1:
+                # depthwise: no padded copy of the input, which at the block's widest point
                 # would be alive beside the input itself (same outputs, bit for bit)
                 padding, shift = same_conv_padding(tuple(x.shape[-2:]), kernel, self.stride)
             else:
                 x = pad_same(x, kernel, self.stride)
+        args = (x, self.weight, self.weight_scale, self.bias, self.stride, padding)
+        args += (self.dilation, self.groups, shift)
         if not (x.requires_grad or self.bias.requires_grad):
-            return sliced_conv2d(
-                x,
-                self.weight,
-                self.weight_scale,
-                self.bias,
-                self.stride,
-                padding,
-                self.dilation,
-                self.groups,
-                shift,
-            )
-        return _FrozenConv2dFn.apply(
-            x,
-            self.weight,
-            self.weight_scale,
-            self.bias,
-            self.stride,
-            padding,
-            self.dilation,
-            self.groups,
-            shift,
-        )
+            return sliced_conv2d(*args)
+        return _FrozenConv2dFn.apply(*args)
 
     def extra_repr(self) -> str:
         k = tuple(self.weight.shape[-2:])
