@@ -1,11 +1,10 @@
 """Plots of a run, drawn with Pillow in the process that trained.
 
 A run's curves are drawn at its end, in the training process, so what drawing costs adds to
-the memory the run needs. matplotlib costs about 30 MiB there (its import alone is most of
-it: measured in ``benchmarks/memory_parts.py``), more than the lean training step of a small
-backbone; Pillow is already loaded to decode the images, and a line chart of a few points is
-a few hundred KiB of pixels. (The benchmark report's figures, drawn outside any training,
-use matplotlib.)
+the memory the run needs. With matplotlib that was 30 MiB (``benchmarks/memory_parts.py`` at
+commit a8f197b), more than the lean training step of a small backbone; Pillow is already
+loaded to decode the images, and a line chart of a few points is a few hundred KiB of pixels.
+(The benchmark report's figures, drawn outside any training, use matplotlib.)
 
 The charts are drawn at twice their size and scaled down, for smooth lines.
 """
