@@ -371,6 +371,33 @@ def make_folder(root: Path, sizes: dict[str, int] | None = None) -> Path:
     return root
 
 
+def test_a_second_process_preparing_a_folder_waits_for_the_first(tmp_path: Path) -> None:
+    """Two runs on one new folder: the second waits while the first prepares the cache
+    entry, then reads it (before: their files could interleave, and a run failed with
+    "cache entry unreadable after writing")."""
+    import threading
+
+    from da3.data import cache, cache_index, folder
+
+    root = make_folder(tmp_path / "pets")
+    data_root = cache_index.cache_root(tmp_path / "cache")
+    key = folder.cache_key(root, TINY)
+    done = []
+    with cache.preparing(data_root, key):  # as the first process holds it
+        worker = threading.Thread(
+            target=lambda: done.append(load_domain(root, TINY, cache_dir=tmp_path / "cache"))
+        )
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive() and not done  # waiting, and nothing written meanwhile
+        assert not cache_index.entry_paths(data_root, key)[1].exists()
+    worker.join(timeout=60)
+    assert len(done) == 1 and done[0].classes == ["cat", "dog", "emu"]
+    again = load_domain(root, TINY, cache_dir=tmp_path / "cache")  # no lock needed to read
+    assert torch.equal(again.train.labels, done[0].train.labels)
+    assert [e.key for e in cache_index.list_entries(data_root)] == [key]  # the lock: no entry
+
+
 def test_folder_domain(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "pets")
     (root / "cat" / ".DS_Store").write_bytes(b"\x00\x01junk")  # hidden: skipped

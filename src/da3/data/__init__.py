@@ -120,11 +120,15 @@ def _load_benchmark(name: str, size: int, root: Path, progress: bool) -> DomainD
     cached = cache.read(root, key, name, size, bench.cache_fields())
     if cached is not None:
         return cached
-    domain = bench.build(size, progress)
-    if _store(root, key, domain, bench.cache_fields()):
-        # read back: the images stay on disk, not in this process
-        return cache.read(root, key, name, size, bench.cache_fields()) or domain
-    return domain
+    with cache.preparing(root, key):  # another process may be building it: wait, then read
+        cached = cache.read(root, key, name, size, bench.cache_fields())
+        if cached is not None:
+            return cached
+        domain = bench.build(size, progress)
+        if _store(root, key, domain, bench.cache_fields()):
+            # read back: the images stay on disk, not in this process
+            return cache.read(root, key, name, size, bench.cache_fields()) or domain
+        return domain
 
 
 def _load_folder(
@@ -140,6 +144,17 @@ def _load_folder(
     if cached is not None and cached.classes == scanned.classes:
         cached.notes = notes
         return cached
+    with cache.preparing(root, key):  # another process may be writing it: wait, then read
+        cached = cache.read(root, key, path.name, size, stamp)
+        if cached is not None and cached.classes == scanned.classes:
+            cached.notes = notes
+            return cached
+        return _write_folder(path, size, root, progress, scanned, key, stamp, notes)
+
+
+def _write_folder(path, size, root, progress, scanned, key, stamp, notes) -> DomainData:
+    from da3.data import cache, folder
+
     # Decoded a chunk at a time straight into the cache file, then read back from it: a
     # folder of any size costs a chunk of memory, not the folder.
     plan = folder.split_plan(scanned)

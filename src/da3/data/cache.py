@@ -23,6 +23,7 @@ format's own rules (8-byte header length, JSON header, then the tensors back to 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -166,6 +167,29 @@ class CachedImages:
 
 # ---------------------------------------------------------------------------------------
 # reading
+
+
+@contextlib.contextmanager
+def preparing(root: Path, key: str):
+    """Hold entry ``key`` while this process reads, builds and writes it: a second process
+    preparing the same entry (two runs on one new folder) waits here, then finds it written,
+    rather than interleaving its files with the first's (each pair is whole, but a reader
+    between one writer's tensors and the other's JSON would see two builds). An advisory
+    lock (``fcntl.flock``) on ``.KEY.lock`` beside the entry; none where it cannot be had
+    (no fcntl, a folder that cannot be written: the write then fails on its own)."""
+    try:
+        import fcntl
+
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / f".{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
 
 
 def read(
