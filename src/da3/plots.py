@@ -3,7 +3,8 @@
 A run's curves are drawn at its end, in the training process, so what drawing costs adds to
 the memory the run needs. With matplotlib that was 30 MiB (``benchmarks/memory_parts.py`` at
 commit a8f197b), more than the lean training step of a small backbone; Pillow is already
-loaded to decode the images, and a line chart of a few points is a few hundred KiB of pixels.
+loaded to decode the images, and a chart is its pixels: 1800 x 680 RGB at twice the size,
+3.5 MiB (the plot phase of a Lite0 run adds 3.5 MiB: memory_lite0_8bit.json).
 (The benchmark report's figures, drawn outside any training, use matplotlib.)
 
 The charts are drawn at twice their size and scaled down, for smooth lines.
