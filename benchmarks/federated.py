@@ -11,7 +11,8 @@ batch 32, seed 0, augmented):
 * **federated**, per partition: ``da3 federate`` in Flower's simulation engine, ``--clients``
   devices each holding its shard, ``--rounds`` rounds of ``--local-epochs`` local epochs
   (each device's loss over every class or its own, ``--local-classes``; its learning rate decaying
-  over the whole run, ``--schedule``), FedAvg (or FedAvgM, ``--server-momentum``); the global
+  over the whole run, ``--schedule``), FedAvg (or FedAvgM, ``--server-momentum``,
+  ``--server-lr``; FedProx's term on the devices, ``--proximal-mu``); the global
   domain's test accuracy after every round, and the bytes each client receives and sends per
   round (protobuf content of Flower's messages, counted by the server);
 * **alone**, per partition: each client trains DA3 on its own shard only, the same local
@@ -41,6 +42,8 @@ from da3.federated.client import build_domain
 from da3.train import evaluate, fit
 from da3.training import TrainSettings, train_domain
 
+FLEET_KEYS = ("local_epochs", "local_classes", "schedule", "server_momentum", "server_lr")
+FLEET_KEYS += ("proximal_mu",)
 RESULTS = Path(__file__).resolve().parent / "results"
 KiB = 1024
 
@@ -119,11 +122,10 @@ def federated(
     rounds: int,
     partition: str,
     store,
-    local: int = 1,
-    local_classes: str = "all",
-    schedule: str = "rounds",
-    server_momentum: float = 0.0,
+    fleet: dict,
 ) -> dict:
+    """``fleet``: the fleet's own settings (local_epochs, local_classes, schedule,
+    server_momentum, server_lr, proximal_mu)."""
     values = {**proto, "epochs": None}
     settings = FederateSettings.from_values(
         {
@@ -133,10 +135,7 @@ def federated(
             "clients": clients,
             "rounds": rounds,
             "partition": partition,
-            "local_epochs": local,
-            "local_classes": local_classes,
-            "schedule": schedule,
-            "server_momentum": server_momentum,
+            **fleet,
         }
     )
     t0 = time.perf_counter()
@@ -152,6 +151,14 @@ def federated(
     }
 
 
+def server_words(payload: dict) -> str:
+    """The server's update and the devices' proximal term, in words."""
+    m, lr = payload.get("server_momentum", 0.0), payload.get("server_lr", 1.0)
+    words = f"FedAvgM (server momentum {m}, learning rate {lr}) " if m or lr != 1.0 else "FedAvg "
+    mu = payload.get("proximal_mu", 0.0)
+    return words + (f"with FedProx's term (mu {mu}) " if mu else "")
+
+
 def markdown(info: dict, payload: dict) -> str:
     p = payload["protocol"]
     out = header(
@@ -163,11 +170,7 @@ def markdown(info: dict, payload: dict) -> str:
         f"{payload.get('local_epochs', 1)} local epoch(s), each device's loss over "
         f"{payload.get('local_classes', 'all')} classes, learning rate decayed over "
         f"{'the whole run' if payload.get('schedule', 'round') == 'rounds' else 'each round'}, "
-        + (
-            f"FedAvgM (server momentum {payload['server_momentum']}) "
-            if payload.get("server_momentum")
-            else "FedAvg "
-        )
+        + server_words(payload)
         + f"(Flower {payload['flwr']}, simulation engine); alone: each client on its own shard, "
         f"{p['epochs']} epochs\n",
     )
@@ -246,6 +249,8 @@ def merge(out: str, parts: list[str]) -> None:
                 ("local_classes", "all"),
                 ("schedule", "round"),
                 ("server_momentum", 0.0),
+                ("server_lr", 1.0),
+                ("proximal_mu", 0.0),
             )
         ):
             raise SystemExit(f"{name}.json: another protocol than {out}.json's")
@@ -293,6 +298,15 @@ def main() -> None:
         help="the server's update: FedAvgM with this momentum (default 0: FedAvg)",
     )
     ap.add_argument(
+        "--server-lr", type=float, default=1.0, help="the server's update: FedAvgM's rate"
+    )
+    ap.add_argument(
+        "--proximal-mu",
+        type=float,
+        default=0.0,
+        help="FedProx's term on each device's loss (default 0: none)",
+    )
+    ap.add_argument(
         "--fleet-only", action="store_true", help="no pooled and alone baselines (a variant)"
     )
     ap.add_argument("--image-size", type=int, help="instead of the protocol's (a smoke run)")
@@ -321,6 +335,8 @@ def main() -> None:
         "local_classes": args.local_classes,
         "schedule": args.schedule,
         "server_momentum": args.server_momentum,
+        "server_lr": args.server_lr,
+        "proximal_mu": args.proximal_mu,
         "partitions": args.partitions.split(","),
         "flwr": flwr.__version__,
         "records": [],
@@ -338,10 +354,7 @@ def main() -> None:
                     args.rounds,
                     partition,
                     store,
-                    args.local_epochs,
-                    args.local_classes,
-                    args.schedule,
-                    args.server_momentum,
+                    {k: payload[k] for k in FLEET_KEYS},
                 )
                 own = None if args.fleet_only else alone(domain, proto, args.clients, partition)
                 print(f"{domain} {partition}: federated {fed['test_accuracy']:.4f}", flush=True)

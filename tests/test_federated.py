@@ -361,6 +361,7 @@ def test_flower_app_is_written_and_valid(toy, tmp_path, capsys):
         (["--schedule", "epoch"], ["--schedule must be one of rounds, round", "epoch"]),
         (["--server-momentum", "1.5"], ["--server-momentum must be in [0, 1)", "1.5"]),
         (["--server-lr", "0"], ["--server-lr must be above 0"]),
+        (["--proximal-mu", "-1"], ["--proximal-mu must be 0 or more", "-1"]),
     ],
 )
 def test_bad_arguments_one_line_store_unchanged(toy, tmp_path, capsys, extra, needles):
@@ -533,6 +534,64 @@ def test_a_devices_loss_reads_only_the_classes_it_holds():
         assert torch.count_nonzero(p.grad[2:]) == 0 and torch.count_nonzero(p.grad[:2]) > 0
     with pytest.raises(Da3Error, match="--local-classes must be one of own, all"):
         FederateSettings.from_values({"domain": "f", "data": "digits", "local_classes": "x"})
+
+
+def test_the_proximal_term_pulls_each_step_toward_the_start():
+    """FedProx's term: each step's gradient is the loss's plus mu * (w - w0), w0 the values
+    when the term was added (known tensors, through an SGD step); removed, the gradient is
+    the loss's."""
+    from da3.train import add_proximal_term
+
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = torch.optim.SGD([w], lr=0.5)
+    seen = []
+    handle = add_proximal_term(opt, 0.25)
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(w.grad.clone()))  # with the pull
+    for _ in range(2):
+        opt.zero_grad()
+        (w * torch.tensor([3.0, 1.0])).sum().backward()  # the loss's gradient: (3, 1)
+        opt.step()
+    assert torch.equal(seen[0], torch.tensor([3.0, 1.0]))  # w = w0: no pull yet
+    assert torch.allclose(
+        seen[1], torch.tensor([3.0, 1.0]) + 0.25 * -0.5 * torch.tensor([3.0, 1.0])
+    )
+    # step 1: w is w0, no pull: w = w0 - 0.5 (3, 1); step 2 pulls by 0.25 * (w - w0)
+    assert torch.allclose(
+        w.detach(),
+        torch.tensor([1.0, -2.0])
+        - 0.5 * torch.tensor([3.0, 1.0])
+        - 0.5 * (torch.tensor([3.0, 1.0]) + 0.25 * -0.5 * torch.tensor([3.0, 1.0])),
+    )
+    handle()
+    before = w.detach().clone()
+    opt.zero_grad()
+    (w * torch.tensor([3.0, 1.0])).sum().backward()
+    opt.step()
+    assert torch.equal(w.detach(), before - 0.5 * torch.tensor([3.0, 1.0]))
+    with pytest.raises(Da3Error, match="must be 0 or more"):
+        add_proximal_term(opt, -0.1)
+    with pytest.raises(Da3Error, match="--proximal-mu must be 0 or more"):
+        FederateSettings.from_values({"domain": "f", "data": "digits", "proximal_mu": -1})
+
+
+def test_a_device_trains_with_the_runs_proximal_term(toy, task_identity, monkeypatch):
+    """--proximal-mu reaches each device's local training (and 0 adds no term)."""
+    from flwr.app import ArrayRecord
+
+    import da3.train
+    from da3.federated.client import build_domain, train_locally
+
+    added = []
+    real = da3.train.add_proximal_term
+    monkeypatch.setattr(
+        da3.train, "add_proximal_term", lambda opt, mu: added.append(mu) or real(opt, mu)
+    )
+    node = {"partition-id": 1, "num-partitions": 2}
+    for mu in (0.0, 0.5):
+        s = settings(toy["data"], clients=2, rounds=1, proximal_mu=mu)
+        _, domain, _ = build_domain(s)
+        train_locally(s, node, ArrayRecord(domain.model.domain_state()), 1)
+    assert added == [0.5]
 
 
 def test_the_learning_rate_decays_over_the_rounds_not_in_each(toy, task_identity, monkeypatch):

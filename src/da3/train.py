@@ -124,6 +124,27 @@ def make_optimizer(model: AdaptedModel, config: MethodConfig) -> AdamW:
     return AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def add_proximal_term(optimizer, mu: float) -> Callable[[], None]:
+    """Give every step of ``optimizer`` the gradient of ``mu / 2 * ||w - w0||^2`` (FedProx's
+    proximal term), ``w0`` the parameters' values now; added to each parameter's gradient
+    just before the step (whatever the micro-batches), so the loss and its graph are as
+    without it. Returns a function that ends it."""
+    if not mu >= 0.0:
+        raise Da3Error(f"the proximal term's weight must be 0 or more, got {mu}")
+    anchor = {p: p.detach().clone() for group in optimizer.param_groups for p in group["params"]}
+    step = optimizer.step
+
+    def pulled_step(*args, **kwargs):
+        with torch.no_grad():
+            for p, w0 in anchor.items():
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - w0, alpha=mu)
+        return step(*args, **kwargs)
+
+    optimizer.step = pulled_step
+    return lambda: setattr(optimizer, "step", step)
+
+
 def micro_batch_coupling(model: AdaptedModel) -> str | None:
     """Why micro-batches would not give the full batch's gradient for ``model`` (in
     training mode), or None when they do (to float rounding)."""
@@ -373,6 +394,7 @@ def fit(
     echo: Callable[[str], None] | None = None,
     classes: torch.Tensor | None = None,
     schedule: tuple[int, int] | None = None,
+    proximal: float = 0.0,
 ) -> FitResult:
     """Train ``model`` on one domain; see the module docstring.
 
@@ -382,6 +404,10 @@ def fit(
     ``schedule``: ``(start, total)``: this run is steps ``start`` onwards of a learning-rate
     schedule (and head warm-up) spread over ``total`` steps, instead of its own steps (a
     fleet's device, one round of many: the decay goes on across rounds, not over again).
+    ``proximal``: FedProx's term (Li et al. 2020), ``proximal / 2 * ||w - w0||^2`` over the
+    trainable parameters, ``w0`` their values when the fit starts (the global state a
+    fleet's device received): each step's gradient gets ``proximal * (w - w0)``
+    (:func:`add_proximal_term`), which holds a device near the fleet's state.
 
     With ``run_dir`` a checkpoint (``checkpoint.safetensors`` + ``checkpoint.json``) is
     written after each epoch; ``resume=True`` continues from it. ``fingerprint`` is any
@@ -398,6 +424,8 @@ def fit(
     model.to(device).train()
     classes = None if classes is None else classes.to(device)
     optimizer = make_optimizer(model, method_config)
+    if proximal:
+        add_proximal_term(optimizer, proximal)
     steps_per_epoch = math.ceil(len(train_images) / config.batch_size)
     total_steps = max(1, steps_per_epoch * config.epochs)
     start, span = schedule if schedule is not None else (0, total_steps)

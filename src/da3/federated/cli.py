@@ -16,6 +16,7 @@ FLEET_FLAGS = (
     "schedule",
     "server_momentum",
     "server_lr",
+    "proximal_mu",
 )
 TRAIN_FLAGS = ("domain", "data", "method", "backbone", "weights", "image_size", "batch_size")
 TRAIN_FLAGS += ("seed", "device")
@@ -78,6 +79,13 @@ def register(commands) -> None:
         type=float,
         dest="server_lr",
         help="learning rate of the server's update (FedAvgM; default 1)",
+    )
+    p.add_argument(
+        "--proximal-mu",
+        type=float,
+        dest="proximal_mu",
+        help="FedProx: each device's loss adds MU/2 times the squared distance of its state "
+        "from the global one (default 0: none)",
     )
     p.add_argument(
         "--min-clients",

@@ -151,6 +151,7 @@ def train_locally(settings: FederateSettings, node_config, arrays: ArrayRecord, 
         progress=False,
         classes=classes,
         schedule=schedule,
+        proximal=settings.proximal_mu,
     )
     last = result.history[-1]
     metrics = {

@@ -232,6 +232,11 @@ def _run_rounds(grid: Grid, settings: FederateSettings, store, say) -> dict:
             if strategy.server_opt
             else "FedAvg; "
         )
+        + (
+            f"FedProx term mu {settings.proximal_mu:g} on the devices; "
+            if settings.proximal_mu
+            else ""
+        )
         + f"{len(state)} tensors travel ({state_bytes / KiB:.1f} KiB), "
         "never the backbone"
     )

@@ -28,6 +28,7 @@ FLEET_DEFAULTS: dict[str, Any] = {
     "schedule": "rounds",  # rounds: the learning rate decays over the whole run; round: each
     "server_momentum": 0.0,  # FedAvgM's server momentum (0: FedAvg)
     "server_lr": 1.0,  # FedAvgM's server learning rate (1 with momentum 0: FedAvg)
+    "proximal_mu": 0.0,  # FedProx's proximal term on each device (0: none)
 }
 LOCAL_CLASSES = ("own", "all")
 SCHEDULES = ("rounds", "round")
@@ -51,7 +52,11 @@ class FederateSettings:
     ``server_momentum``, ``server_lr``: the server's update is FedAvgM's (Hsu et al. 2019,
     Flower's :class:`~flwr.serverapp.strategy.FedAvgM`): the average's change to the global
     state is a pseudo-gradient, given momentum and a learning rate; 0 and 1 (the defaults)
-    are plain FedAvg."""
+    are plain FedAvg.
+    ``proximal_mu``: each device's loss gets FedProx's term (Li et al. 2020, as Flower's
+    :class:`~flwr.serverapp.strategy.FedProx` asks its clients for), ``mu / 2`` times the
+    squared distance of its trainable state from the global state it received; 0 (the
+    default): none."""
 
     train: Any  # da3.training.TrainSettings
     clients: int = 2
@@ -62,6 +67,7 @@ class FederateSettings:
     schedule: str = "rounds"
     server_momentum: float = 0.0
     server_lr: float = 1.0
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         self.check()
@@ -80,6 +86,8 @@ class FederateSettings:
             raise Da3Error(f"--server-momentum must be in [0, 1), got {self.server_momentum}")
         if not self.server_lr > 0.0:
             raise Da3Error(f"--server-lr must be above 0, got {self.server_lr}")
+        if not self.proximal_mu >= 0.0:
+            raise Da3Error(f"--proximal-mu must be 0 or more, got {self.proximal_mu}")
         self.partition = str(parse_partition(self.partition))
         for flag, value, choices in (
             ("--local-classes", self.local_classes, LOCAL_CLASSES),
@@ -155,6 +163,7 @@ class FederateSettings:
             "schedule": self.schedule,
             "server_momentum": self.server_momentum,
             "server_lr": self.server_lr,
+            "proximal_mu": self.proximal_mu,
             **train,
         }
 
