@@ -43,7 +43,7 @@ from da3.train import evaluate, fit
 from da3.training import TrainSettings, train_domain
 
 FLEET_KEYS = ("local_epochs", "local_classes", "schedule", "server_momentum", "server_lr")
-FLEET_KEYS += ("proximal_mu",)
+FLEET_KEYS += ("proximal_mu", "head_calibration")
 RESULTS = Path(__file__).resolve().parent / "results"
 KiB = 1024
 
@@ -142,6 +142,7 @@ def federated(
     run = federate(settings, store, overwrite=True, echo=lambda line: print(f"  {line}"))
     return {
         "test_accuracy": run.metrics["test_accuracy"],
+        "calibration": run.calibration,
         "round_test_accuracy": [r["test_accuracy"] for r in run.rounds],
         "traffic": run.traffic,
         "rounds": [
@@ -155,8 +156,9 @@ def server_words(payload: dict) -> str:
     """The server's update and the devices' proximal term, in words."""
     m, lr = payload.get("server_momentum", 0.0), payload.get("server_lr", 1.0)
     words = f"FedAvgM (server momentum {m}, learning rate {lr}) " if m or lr != 1.0 else "FedAvg "
-    mu = payload.get("proximal_mu", 0.0)
-    return words + (f"with FedProx's term (mu {mu}) " if mu else "")
+    mu, rank = payload.get("proximal_mu", 0.0), payload.get("head_calibration", 0)
+    words += f"with FedProx's term (mu {mu}) " if mu else ""
+    return words + (f"then the head calibrated (rank {rank}) " if rank else "")
 
 
 def markdown(info: dict, payload: dict) -> str:
@@ -175,7 +177,7 @@ def markdown(info: dict, payload: dict) -> str:
         f"{p['epochs']} epochs\n",
     )
     out += (
-        "| domain | partition | federated (after last round) | pooled DA3 | federated - pooled "
+        "| domain | partition | federated (the saved domain) | pooled DA3 | federated - pooled "
         "| clients alone: mean (min-max) |\n|---|---|---|---|---|---|\n"
     )
     for r in payload["records"]:
@@ -206,7 +208,14 @@ def markdown(info: dict, payload: dict) -> str:
     )
     for r in payload["records"]:
         accs = " ".join(f"{a:.3f}" for a in r["federated"]["round_test_accuracy"])
-        out += f"- {r['domain']} {r['partition']}: {accs}\n"
+        cal = r["federated"].get("calibration")
+        after = (
+            f"; head calibrated: {cal['test_accuracy']:.3f} ({cal['classes']} classes, "
+            f"{max(cal['up_bytes'].values()) / KiB:.0f} KiB sent per client, once)"
+            if cal
+            else ""
+        )
+        out += f"- {r['domain']} {r['partition']}: {accs}{after}\n"
     return out
 
 
@@ -251,6 +260,7 @@ def merge(out: str, parts: list[str]) -> None:
                 ("server_momentum", 0.0),
                 ("server_lr", 1.0),
                 ("proximal_mu", 0.0),
+                ("head_calibration", 0),
             )
         ):
             raise SystemExit(f"{name}.json: another protocol than {out}.json's")
@@ -307,6 +317,14 @@ def main() -> None:
         help="FedProx's term on each device's loss (default 0: none)",
     )
     ap.add_argument(
+        "--calibrate-head",
+        type=int,
+        default=0,
+        dest="head_calibration",
+        help="rank of the devices' feature statistics the head is calibrated on after the "
+        "rounds (default 0: off)",
+    )
+    ap.add_argument(
         "--fleet-only", action="store_true", help="no pooled and alone baselines (a variant)"
     )
     ap.add_argument("--image-size", type=int, help="instead of the protocol's (a smoke run)")
@@ -337,6 +355,7 @@ def main() -> None:
         "server_momentum": args.server_momentum,
         "server_lr": args.server_lr,
         "proximal_mu": args.proximal_mu,
+        "head_calibration": args.head_calibration,
         "partitions": args.partitions.split(","),
         "flwr": flwr.__version__,
         "records": [],

@@ -17,6 +17,7 @@ FLEET_FLAGS = (
     "server_momentum",
     "server_lr",
     "proximal_mu",
+    "head_calibration",
 )
 TRAIN_FLAGS = ("domain", "data", "method", "backbone", "weights", "image_size", "batch_size")
 TRAIN_FLAGS += ("seed", "device")
@@ -86,6 +87,16 @@ def register(commands) -> None:
         dest="proximal_mu",
         help="FedProx: each device's loss adds MU/2 times the squared distance of its state "
         "from the global one (default 0: none)",
+    )
+    p.add_argument(
+        "--calibrate-head",
+        type=int,
+        dest="head_calibration",
+        metavar="RANK",
+        help="after the last round, each device sends per-class feature statistics (mean "
+        "and RANK principal directions) and the server re-fits the head on features drawn "
+        "from them (CCVR; helps when devices hold few classes; 16 is a good rank; default "
+        "0: off)",
     )
     p.add_argument(
         "--min-clients",

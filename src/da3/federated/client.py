@@ -30,7 +30,8 @@ from flwr.clientapp import ClientApp
 from da3.errors import Da3Error
 from da3.federated.settings import FederateSettings
 
-ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+ARRAYS, CONFIG, METRICS, STATS = "arrays", "config", "metrics", "stats"
+STATS_ACTION = "head_stats"  # the message type "query.head_stats": feature statistics
 
 client_app = ClientApp()
 
@@ -171,6 +172,26 @@ def train(msg: Message, context: Context) -> Message:
     state, metrics = train_locally(settings, context.node_config, msg.content[ARRAYS], server_round)
     content = RecordDict({ARRAYS: ArrayRecord(state), METRICS: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
+
+
+def local_feature_stats(settings: FederateSettings, node_config, arrays: ArrayRecord) -> dict:
+    """This client's per-class feature statistics under the global ``arrays`` (see
+    :mod:`da3.federated.calibrate`): what it sends for the head's calibration."""
+    from da3.federated.calibrate import device_stats
+
+    data_name = str(node_config.get("data") or settings.train.data)
+    work = client_work(settings, data_name)
+    images, labels = own_shard(settings, node_config, work.data)
+    model = work.domain.model
+    model.load_domain_state(state_from_arrays(arrays, model.domain_state()))
+    return device_stats(model, images, labels, work.model.preprocess, settings.head_calibration)
+
+
+@client_app.query(STATS_ACTION)
+def head_stats(msg: Message, context: Context) -> Message:
+    settings = FederateSettings.from_json(str(msg.content[CONFIG]["settings"]))
+    stats = local_feature_stats(settings, context.node_config, msg.content[ARRAYS])
+    return Message(content=RecordDict({STATS: ArrayRecord(stats)}), reply_to=msg)
 
 
 def settings_record(settings: FederateSettings) -> ConfigRecord:

@@ -33,6 +33,7 @@ class FederatedDomain:
     rounds: list[dict]
     traffic: dict
     settings: FederateSettings
+    calibration: dict | None = None  # the head's calibration after the rounds, if asked
 
 
 def check_run(settings: FederateSettings, store, overwrite: bool = False):
@@ -131,4 +132,5 @@ def federate(
         rounds=record["rounds"],
         traffic=record["traffic"],
         settings=settings,
+        calibration=record.get("calibration"),
     )

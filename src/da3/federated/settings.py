@@ -29,6 +29,7 @@ FLEET_DEFAULTS: dict[str, Any] = {
     "server_momentum": 0.0,  # FedAvgM's server momentum (0: FedAvg)
     "server_lr": 1.0,  # FedAvgM's server learning rate (1 with momentum 0: FedAvg)
     "proximal_mu": 0.0,  # FedProx's proximal term on each device (0: none)
+    "head_calibration": 0,  # rank of the devices' feature statistics for the head (0: off)
 }
 LOCAL_CLASSES = ("own", "all")
 SCHEDULES = ("rounds", "round")
@@ -56,7 +57,10 @@ class FederateSettings:
     ``proximal_mu``: each device's loss gets FedProx's term (Li et al. 2020, as Flower's
     :class:`~flwr.serverapp.strategy.FedProx` asks its clients for), ``mu / 2`` times the
     squared distance of its trainable state from the global state it received; 0 (the
-    default): none."""
+    default): none.
+    ``head_calibration``: after the last round each device sends per-class feature
+    statistics of rank ``head_calibration`` and the server re-fits the head on features
+    drawn from them (:mod:`da3.federated.calibrate`, after CCVR); 0 (the default): off."""
 
     train: Any  # da3.training.TrainSettings
     clients: int = 2
@@ -68,6 +72,7 @@ class FederateSettings:
     server_momentum: float = 0.0
     server_lr: float = 1.0
     proximal_mu: float = 0.0
+    head_calibration: int = 0
 
     def __post_init__(self) -> None:
         self.check()
@@ -88,6 +93,9 @@ class FederateSettings:
             raise Da3Error(f"--server-lr must be above 0, got {self.server_lr}")
         if not self.proximal_mu >= 0.0:
             raise Da3Error(f"--proximal-mu must be 0 or more, got {self.proximal_mu}")
+        from da3.federated.calibrate import check_rank
+
+        check_rank(self.head_calibration)
         self.partition = str(parse_partition(self.partition))
         for flag, value, choices in (
             ("--local-classes", self.local_classes, LOCAL_CLASSES),
@@ -164,6 +172,7 @@ class FederateSettings:
             "server_momentum": self.server_momentum,
             "server_lr": self.server_lr,
             "proximal_mu": self.proximal_mu,
+            "head_calibration": self.head_calibration,
             **train,
         }
 
