@@ -51,13 +51,14 @@ def toy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def simulated(toy):
-    """One run in Flower's simulation engine: 2 clients, 2 rounds, by-class:2."""
+    """One run in Flower's simulation engine: 2 clients, 2 rounds, by-class:2, then the
+    head calibrated on the clients' feature statistics (rank 4)."""
     from da3.federated import federate
 
     store = toy["base"] / "store"
     lines: list[str] = []
     run = federate(
-        settings(toy["data"], clients=2, rounds=2, partition="by-class:2"),
+        settings(toy["data"], clients=2, rounds=2, partition="by-class:2", head_calibration=4),
         store,
         echo=lines.append,
     )
@@ -300,13 +301,28 @@ def test_a_federated_domain_loads_predicts_and_has_its_record(simulated, toy, ca
         assert r["clients_replied"] == 2 and len(r["up_bytes"]) == 2 and len(r["down_bytes"]) == 2
         assert sum(r["num_examples"].values()) == 21  # the whole training split, shared
     assert 0 <= run.metrics["test_accuracy"] <= 1
-    assert run.metrics["test_accuracy"] == rounds[-1]["test_accuracy"]
+    # the saved domain is the calibrated one; the last round's accuracy is kept beside it
+    cal = run.calibration
+    assert run.metrics["test_accuracy"] == cal["test_accuracy"]
+    assert rounds[-1]["test_accuracy"] == cal["test_accuracy_before"]
+    assert cal["clients_replied"] == 2 and cal["classes"] == 3 and cal["components"] == 4
+    # what a client sends for it: its 2 classes' statistics (mean, 4 directions, residual
+    # of 1280 features, float32; class ids and counts), a little framing, nothing else
+    stats = 2 * (4 + 2) * 1280 * 4 + 2 * 2 * 8
+    assert all(stats < b < stats + 2048 for b in cal["up_bytes"].values())
+    assert any(line.startswith("head calibrated on 3 classes") for line in simulated["lines"])
     t = run.traffic
     assert t["finetune_state_bytes"] > 10 * t["domain_state_bytes"]
     assert t["domain_state_bytes"] < t["up_bytes_per_client_round"]
     assert any(line.startswith("round 2/2: test accuracy") for line in simulated["lines"])
     history = json.loads((run.run_dir / "history.json").read_text())
     assert history["traffic"] == t and len(history["rounds"]) == 3
+    assert history["calibration"] == cal
+    assert t["total_bytes"] == sum(
+        sum(r.get(k, {}).values())
+        for r in [*history["rounds"], cal]
+        for k in ("up_bytes", "down_bytes")
+    )
     assert (run.run_dir / "rounds.png").stat().st_size > 1000
     assert (run.run_dir / "config.yaml").is_file()
     # an ordinary domain: the travelling tensors are what the file holds
@@ -326,6 +342,7 @@ def test_a_federated_domain_loads_predicts_and_has_its_record(simulated, toy, ca
     shown = capsys.readouterr().out
     assert "(config.yaml, history.json, rounds.png)" in shown and "curves.png" not in shown
     assert meta["train"]["local_classes"] == "all" and meta["train"]["schedule"] == "rounds"
+    assert meta["train"]["head_calibration"] == 4
 
 
 def test_flower_app_is_written_and_valid(toy, tmp_path, capsys):
@@ -362,6 +379,7 @@ def test_flower_app_is_written_and_valid(toy, tmp_path, capsys):
         (["--server-momentum", "1.5"], ["--server-momentum must be in [0, 1)", "1.5"]),
         (["--server-lr", "0"], ["--server-lr must be above 0"]),
         (["--proximal-mu", "-1"], ["--proximal-mu must be 0 or more", "-1"]),
+        (["--calibrate-head", "-1"], ["--calibrate-head must be between 0 (off) and 256"]),
     ],
 )
 def test_bad_arguments_one_line_store_unchanged(toy, tmp_path, capsys, extra, needles):
