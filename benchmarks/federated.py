@@ -327,6 +327,7 @@ def main() -> None:
     ap.add_argument(
         "--fleet-only", action="store_true", help="no pooled and alone baselines (a variant)"
     )
+    ap.add_argument("--seed", type=int, help="instead of the protocol's (0): init, shards, order")
     ap.add_argument("--image-size", type=int, help="instead of the protocol's (a smoke run)")
     ap.add_argument("--weights", help="instead of the protocol's (a smoke run: none)")
     ap.add_argument(
@@ -341,6 +342,8 @@ def main() -> None:
         return
     info = run_info()
     proto = protocol()
+    if args.seed is not None:
+        proto["seed"] = args.seed
     if args.image_size:
         proto["image_size"] = args.image_size
     if args.weights:
