@@ -49,7 +49,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from da3.data.domain import DomainData, Split, fraction_sizes, split_indices
@@ -182,6 +181,8 @@ def render_svg(path: Path, image_size: int, exe: str | None = None) -> np.ndarra
     if done.returncode != 0 or not done.stdout:
         message = done.stderr.decode(errors="replace").strip().splitlines()
         raise Da3Error(f"{path}: {RENDERER} failed ({message[-1] if message else 'no output'})")
+    from PIL import Image  # here: loading a cached domain never needs Pillow
+
     try:
         with Image.open(io.BytesIO(done.stdout)) as image:
             image.load()

@@ -46,7 +46,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from da3.data.domain import DomainData, Split, fraction_sizes, split_indices
@@ -335,6 +334,8 @@ def load_image(path: Path, image_size: int) -> np.ndarray:
     An image whose header declares more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (89
     million by default; a JPEG counts at the reduced scale it is decoded at) is refused
     before it is decoded: a small file can declare a huge picture (a decompression bomb)."""
+    from PIL import Image, ImageOps  # here: a run whose images are cached never needs Pillow
+
     try:
         with Image.open(path) as image:
             image.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale

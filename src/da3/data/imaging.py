@@ -11,10 +11,10 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
 
-if TYPE_CHECKING:  # imported where a tensor is made: `da3 data list` runs without torch
-    import torch
+if TYPE_CHECKING:  # imported where needed: `da3 data list` runs without torch, and a run
+    import torch  # whose images are cached never loads Pillow before it plots (~2 MiB)
+    from PIL import Image
 
 MIN_IMAGE_SIZE = 8
 MAX_IMAGE_SIZE = 1024
@@ -36,6 +36,8 @@ def check_image_size(image_size: int) -> int:
 
 def flatten_alpha(image: Image.Image) -> Image.Image:
     """RGB or L version of ``image``; any transparency is composited onto white."""
+    from PIL import Image
+
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("LA", "La", "RGBA", "RGBa", "PA"):
@@ -69,6 +71,8 @@ def resize_square(image: Image.Image, size: int, fit: str = "crop") -> Image.Ima
     ratio). ``fit="pad"``: scale the long side to ``size`` and centre on white (whole objects).
     ``fit="stretch"``: plain resize (already square sources).
     """
+    from PIL import Image
+
     w, h = image.size
     if (w, h) == (size, size):
         return image
@@ -117,6 +121,7 @@ def stack_images(images: Iterable[np.ndarray], size: int) -> torch.Tensor:
 def gray_array_to_tensor(gray: np.ndarray, size: int) -> torch.Tensor:
     """N x H x W uint8 grayscale images to N x 3 x size x size uint8 (PIL bilinear)."""
     import torch
+    from PIL import Image
 
     out = np.empty((len(gray), size, size), dtype=np.uint8)
     for i, g in enumerate(gray):

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from da3.data.domain import DomainData, Split
 from da3.data.sources import apt_data_path
@@ -135,6 +134,8 @@ def render_view(tile: np.ndarray, rng: np.random.Generator, image_size: int) -> 
     bottom = t[iy1, ix0] * (1 - fx) + t[iy1, ix1] * fx
     view = top * (1 - fy) + bottom * fy
     view = (view - view.mean()) * contrast + view.mean() + shift
+    from PIL import Image  # here: loading a cached domain never needs Pillow
+
     img = Image.fromarray(np.clip(np.rint(view), 0, 255).astype(np.uint8))
     img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
     return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
