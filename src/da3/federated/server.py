@@ -48,6 +48,7 @@ from da3.federated.settings import FederateSettings
 
 KiB = 1024
 STATS_KEYS = {"classes", "counts", "means", "components", "residual"}
+REPLY_TIMEOUT = 3600.0  # seconds a round waits for replies (Flower's strategies' default)
 
 
 def content_bytes(message: Message) -> int:
@@ -261,13 +262,14 @@ def _run_rounds(grid: Grid, settings: FederateSettings, store, say) -> dict:
         num_rounds=settings.rounds,
         train_config=settings_record(settings),
         evaluate_fn=global_evaluate,
+        timeout=REPLY_TIMEOUT,
     )
     final = result.arrays if len(result.arrays) else ArrayRecord(state)
     domain.model.load_domain_state(state_from_arrays(final, domain.model.domain_state()))
     test = evals[settings.rounds]
     calibration = None
     if settings.head_calibration:
-        calibration = _calibrate_head(grid, settings, final, domain, say)
+        calibration = _calibrate_head(grid, settings, final, domain)
         test = evaluate(
             domain.model, data.test.images, data.test.labels, model.preprocess, 64, t.device
         )
@@ -339,7 +341,7 @@ def _run_rounds(grid: Grid, settings: FederateSettings, store, say) -> dict:
     }
 
 
-def _calibrate_head(grid: Grid, settings: FederateSettings, arrays: ArrayRecord, domain, say):
+def _calibrate_head(grid: Grid, settings: FederateSettings, arrays: ArrayRecord, domain):
     """Ask every connected client for its per-class feature statistics under ``arrays``
     (the final global state) and re-fit ``domain``'s head on virtual features drawn from
     them (:mod:`da3.federated.calibrate`). Returns the record of it."""
@@ -354,7 +356,7 @@ def _calibrate_head(grid: Grid, settings: FederateSettings, arrays: ArrayRecord,
         Message(content=content, message_type=f"query.{STATS_ACTION}", dst_node_id=n) for n in nodes
     ]
     down = {str(m.metadata.dst_node_id): content_bytes(m) for m in asked}
-    replies = list(grid.send_and_receive(asked))
+    replies = list(grid.send_and_receive(asked, timeout=REPLY_TIMEOUT))
     valid = [m for m in replies if not m.has_error()]
     failed = [m for m in replies if m.has_error()]
     if len(valid) < settings.quorum:
