@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import tempfile
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 from da3.bench.common import header, run_info, save
 from da3.federated import FederateSettings, federate
+from da3.federated.calibrate import Mixture, feature_stats
 from da3.federated.client import build_domain
 from da3.train import evaluate
 
@@ -61,27 +61,23 @@ def refit(head, x, y, xt, yt, lr: float, epochs: int, seed: int) -> float:
 
 
 def virtual(x, y, kind: str, per_class: int, seed: int):
-    """``per_class`` draws per class from a Gaussian fitted to that class's rows of ``x``."""
+    """``per_class`` draws per class from a Gaussian fitted to that class's rows of ``x``:
+    ``full`` covariance, or ``rank K`` plus a diagonal (``diagonal``: rank 0), the latter as
+    ``--calibrate-head K`` fits and draws them (:mod:`da3.federated.calibrate`), here from the
+    pooled features."""
     g = torch.Generator().manual_seed(seed)
-    xs, ys = [], []
+    labels = y.unique().repeat_interleave(per_class)
+    if kind != "full":
+        rank = 0 if kind == "diagonal" else int(kind.split()[1])
+        mixture = Mixture([feature_stats(x, y, rank)], int(y.max()) + 1)
+        return mixture.sample(labels, g), labels
+    xs = []
     for c in y.unique().tolist():
         xc = x[y == c]
-        mean, z = xc.mean(0), xc - xc.mean(0)
+        cov = torch.cov(xc.T) + 1e-4 * torch.eye(x.shape[1])
         noise = torch.randn(per_class, x.shape[1], generator=g)
-        if kind == "full":
-            cov = torch.cov(xc.T) + 1e-4 * torch.eye(x.shape[1])
-            draw = mean + noise @ torch.linalg.cholesky(cov).T
-        elif kind == "diagonal":
-            draw = mean + noise * xc.var(0).sqrt()
-        else:  # rank k plus the diagonal of what is left
-            k = int(kind.split()[1])
-            _, s, vh = torch.linalg.svd(z, full_matrices=False)
-            comps = vh[:k].T * (s[:k] / math.sqrt(len(xc) - 1))
-            left = (z - (z @ vh[:k].T) @ vh[:k]).var(0).sqrt()
-            draw = mean + torch.randn(per_class, k, generator=g) @ comps.T + noise * left
-        xs.append(draw)
-        ys.append(torch.full((per_class,), c))
-    return torch.cat(xs), torch.cat(ys)
+        xs.append(xc.mean(0) + noise @ torch.linalg.cholesky(cov).T)
+    return torch.cat(xs), labels
 
 
 def main() -> None:

@@ -65,6 +65,21 @@ def tensor_bytes(arrays: ArrayRecord) -> int:
     return int(sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays.values()))
 
 
+def answered(replies: Iterable[Message], asked: int, quorum: int, what: str):
+    """(valid, failed) replies; a one-line Da3Error naming ``what`` when fewer than
+    ``quorum`` of the ``asked`` clients answered."""
+    replies = list(replies)
+    valid = [m for m in replies if not m.has_error()]
+    failed = [m for m in replies if m.has_error()]
+    if len(valid) < quorum:
+        why = f": {failed[0].error.reason.splitlines()[-1][:200]}" if failed else ""
+        raise Da3Error(
+            f"{what}: {len(valid)} of {asked} clients answered, fewer than the {quorum} the "
+            f"run needs (--min-clients){why}"
+        )
+    return valid, failed
+
+
 class FleetFedAvg(FedAvgM):
     """FedAvg over every connected client, counting the traffic (see the module docstring);
     with ``server_momentum`` or ``server_lr`` set, FedAvgM's server update."""
@@ -101,19 +116,12 @@ class FleetFedAvg(FedAvgM):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        valid = [m for m in replies if not m.has_error()]
-        failed = [m for m in replies if m.has_error()]
         record = self.rounds[server_round]
+        valid, failed = answered(
+            replies, record["clients_asked"], self.settings.quorum, f"round {server_round}"
+        )
         record["clients_replied"] = len(valid)
         record["failures"] = [m.error.reason[:200] for m in failed]
-        if len(valid) < self.settings.quorum:
-            why = f": {failed[0].error.reason.splitlines()[-1][:200]}" if failed else ""
-            raise Da3Error(
-                f"round {server_round}: {len(valid)} of {record['clients_asked']} clients "
-                f"answered, fewer than the {self.settings.quorum} the run needs "
-                f"(--min-clients){why}"
-            )
         for m in valid:
             arrays = m.content[ARRAYS]
             got = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
@@ -356,15 +364,8 @@ def _calibrate_head(grid: Grid, settings: FederateSettings, arrays: ArrayRecord,
         Message(content=content, message_type=f"query.{STATS_ACTION}", dst_node_id=n) for n in nodes
     ]
     down = {str(m.metadata.dst_node_id): content_bytes(m) for m in asked}
-    replies = list(grid.send_and_receive(asked, timeout=REPLY_TIMEOUT))
-    valid = [m for m in replies if not m.has_error()]
-    failed = [m for m in replies if m.has_error()]
-    if len(valid) < settings.quorum:
-        why = f": {failed[0].error.reason.splitlines()[-1][:200]}" if failed else ""
-        raise Da3Error(
-            f"head calibration: {len(valid)} of {len(asked)} clients answered, fewer than "
-            f"the {settings.quorum} the run needs (--min-clients){why}"
-        )
+    replies = grid.send_and_receive(asked, timeout=REPLY_TIMEOUT)
+    valid, _ = answered(replies, len(asked), settings.quorum, "head calibration")
     stats = []
     for m in valid:
         got = m.content[STATS].to_torch_state_dict()
