@@ -15,9 +15,12 @@ and reads its own memory between the steps a run takes:
   anonymous memory (the gradients, AdamW's moments, large blocks);
 * a later step and an evaluation pass (8 images, one at a time), each with the high-water
   mark reset before it (``/proc/self/clear_refs``), so its own transient peak is read; steps
-  and evaluation run as ``da3 train --micro-batch 1`` runs them, the widest convolutions in
-  slices of channels (``da3.lean.ops.sliced_convolutions``), and what that costs in time is
-  read too (steps with whole and with sliced convolutions, interleaved);
+  and evaluation run as ``da3 train --micro-batch 1`` runs them (from the build on: blocks
+  of 32 KiB and more mapped alone, ``da3.memory.MEMORY_FIRST_MMAP_THRESHOLD``; PyTorch's own
+  CPU kernels, not oneDNN's, ``da3.lean.ops.native_kernels``; the widest convolutions in
+  slices of channels, ``da3.lean.ops.sliced_convolutions``), and what that costs in time is
+  read last (steps as a whole batch's run takes them, oneDNN and whole convolutions, and as
+  a micro-batch run does, interleaved);
 * the training-curves plot (`da3.plots.plot_curves`: Pillow, imported here, and drawing).
 
 Linux only. Writes benchmarks/results/memory_parts.{json,md}.
@@ -73,15 +76,18 @@ def one(backbone: str, bits: int) -> dict:
     if backbone != "efficientnet_lite0":
         import torchvision  # noqa: F401 - the floor a torchvision backbone needs
     out["floor"] = status("VmRSS")
-    from da3.memory import lean_allocator, release_memory
+    from da3.memory import MEMORY_FIRST_MMAP_THRESHOLD, lean_allocator, release_memory
 
-    lean_allocator()  # as da3 train does
+    lean_allocator(MEMORY_FIRST_MMAP_THRESHOLD)  # as da3 train --micro-batch does
     import da3.commands  # noqa: F401 - what da3 train imports before it starts
     import da3.training  # noqa: F401
     from da3.backbones import create_backbone
     from da3.domains import MultiDomainModel
-    from da3.lean.ops import sliced_convolutions
+    from da3.lean.ops import native_kernels, sliced_convolutions
     from da3.train import evaluate, make_optimizer, train_step
+
+    native = native_kernels()  # from the build on, as da3 train --micro-batch runs
+    native.__enter__()
 
     out["imports"] = status("VmRSS")
     weights = "imagenet" if backbone == "efficientnet_lite0" else "none"
@@ -122,20 +128,6 @@ def one(backbone: str, bits: int) -> dict:
         step()
         later.append(status("VmHWM") - before)
     out["later_step_peak_above"] = sorted(later)[1]  # the median of 3
-    # what slicing costs in time: whole and sliced steps interleaved, the median of 3 each
-    import da3.lean.ops as ops
-
-    times: dict[str, list[float]] = {"whole": [], "sliced": []}
-    for _ in range(3):
-        for kind in times:
-            t0 = time.perf_counter()
-            if kind == "sliced":
-                step()
-            else:
-                train_step(net, optimizer, x, y, micro_batch=1)
-            times[kind].append(time.perf_counter() - t0)
-    assert ops.SLICE_BYTES is None
-    out["step_seconds"] = {k: sorted(v)[1] for k, v in times.items()}
     net.eval()
     release_memory()
     before = status("VmRSS")
@@ -143,6 +135,22 @@ def one(backbone: str, bits: int) -> dict:
     with sliced_convolutions():
         evaluate(net, images, y, model.preprocess, 1, "cpu")
     out["eval_peak_above"] = status("VmHWM") - before
+    net.train()
+    # what the memory-first kernels cost in time (last: oneDNN, once used, stays paged in):
+    # steps as a whole batch's run takes them (whole convolutions, oneDNN) and as a
+    # micro-batch run does (sliced, PyTorch's own kernels), interleaved, the median of 3
+    native.__exit__(None, None, None)
+    times: dict[str, list[float]] = {"whole": [], "sliced": []}
+    for _ in range(3):
+        for kind in times:
+            t0 = time.perf_counter()
+            if kind == "sliced":
+                with native_kernels():
+                    step()
+            else:
+                train_step(net, optimizer, x, y, micro_batch=1)
+            times[kind].append(time.perf_counter() - t0)
+    out["step_seconds"] = {k: sorted(v)[1] for k, v in times.items()}
     trainable = [p for p in net.parameters() if p.requires_grad]
     out["trainable_bytes"] = sum(p.numel() * p.element_size() for p in trainable)
     del net, domain, model, optimizer, x
@@ -170,8 +178,10 @@ def markdown(info: dict, rows: list[dict]) -> str:
     out = header(info, "What a lean training process holds, part by part")
     out += (
         "One fresh process per backbone: da3 (micro-batch 1 of a batch of 8, 224 px, AdamW), "
-        'frozen weights in {bits} bits, built a layer at a time. MiB; "above" = above the '
-        "resident size just before the step.\n\n".format(bits=rows[0]["frozen_bits"])
+        "frozen weights in {bits} bits, built a layer at a time; run as `da3 train "
+        "--micro-batch 1` runs (blocks of 32 KiB and more mapped alone, PyTorch's own CPU "
+        'kernels, not oneDNN\'s). MiB; "above" = above the resident size just before the '
+        "step.\n\n".format(bits=rows[0]["frozen_bits"])
     )
     out += (
         "| backbone | floor (import) | + da3 imports | + backbone, domain (frozen weights) | "
@@ -189,7 +199,10 @@ def markdown(info: dict, rows: list[dict]) -> str:
             f"{k['anon'] / MiB:.1f} | {r['later_step_peak_above'] / MiB:.1f} | "
             f"{r['eval_peak_above'] / MiB:.1f} | {r['plot_peak_above'] / MiB:.1f} |\n"
         )
-    out += "\nA later step's time (median of 3, interleaved), convolutions whole / sliced: " + (
+    out += (
+        "\nA later step's time (median of 3, interleaved), as a whole batch's run takes it "
+        "(oneDNN, whole convolutions) / as a micro-batch run does (PyTorch's kernels, sliced): "
+    ) + (
         ", ".join(
             f"{r['backbone']} {r['step_seconds']['whole']:.2f} s / "
             f"{r['step_seconds']['sliced']:.2f} s "

@@ -23,6 +23,7 @@ from da3.backbones import create_backbone
 from da3.cli import main
 from da3.data import cache, load_domain
 from da3.data.cache import CachedImages
+from da3.domains import MultiDomainModel
 from da3.errors import Da3Error
 from da3.methods import FrozenBackbone, build_model, make_config
 from da3.optim import AdamW, LambdaSchedule
@@ -225,7 +226,8 @@ def test_micro_batches_say_where_they_are_not_exact(frozen):
 @pytest.mark.parametrize("micro_batch", [0, 2])
 def test_a_run_in_micro_batches_slices_its_convolutions(tmp_path, monkeypatch, micro_batch):
     """Micro-batches put memory before speed: training and the test evaluation run with the
-    widest convolutions in slices of channels (the same numbers); a whole batch does not."""
+    widest convolutions in slices of channels (the same numbers) and without oneDNN (from
+    the backbone's build on, see da3.lean.ops.native_kernels); a whole batch does not."""
     import da3.train
     from da3.lean import ops
     from da3.training import TrainSettings, train_domain
@@ -234,16 +236,24 @@ def test_a_run_in_micro_batches_slices_its_convolutions(tmp_path, monkeypatch, m
     seen = []
     real_fit, real_eval = da3.train.fit_domain, da3.train.evaluate
 
+    real_build = MultiDomainModel.add_domain
+
     def fit_domain(*args, **kwargs):
-        seen.append(("fit", ops.SLICE_BYTES))
+        seen.append(("fit", ops.SLICE_BYTES, ops.onednn_enabled()))
         return real_fit(*args, **kwargs)
 
     def evaluate(*args, **kwargs):
-        seen.append(("evaluate", ops.SLICE_BYTES))
+        seen.append(("evaluate", ops.SLICE_BYTES, ops.onednn_enabled()))
         return real_eval(*args, **kwargs)
+
+    def add_domain(*args, **kwargs):
+        seen.append(("build", ops.SLICE_BYTES, ops.onednn_enabled()))
+        return real_build(*args, **kwargs)
 
     monkeypatch.setattr(da3.train, "fit_domain", fit_domain)
     monkeypatch.setattr(da3.train, "evaluate", evaluate)
+    monkeypatch.setattr(MultiDomainModel, "add_domain", add_domain)
+    onednn = ops.onednn_enabled()
     lines = []
     settings = TrainSettings(
         domain="d",
@@ -256,8 +266,10 @@ def test_a_run_in_micro_batches_slices_its_convolutions(tmp_path, monkeypatch, m
     )
     train_domain(settings, tmp_path / "s", echo=lines.append, plot=False)
     want = ops.DEFAULT_SLICE_BYTES if micro_batch else None
-    assert seen[0] == ("fit", want) and seen[-1] == ("evaluate", want)  # the test split
-    assert ops.SLICE_BYTES is None  # and not after
+    expected = onednn and not micro_batch  # oneDNN on
+    assert seen[0] == ("build", None, expected)
+    assert seen[1] == ("fit", want, expected) and seen[-1] == ("evaluate", want, expected)
+    assert ops.SLICE_BYTES is None and ops.onednn_enabled() == onednn  # and not after
     assert any("slices of channels" in line for line in lines) == bool(micro_batch)
 
 

@@ -40,7 +40,7 @@ from da3.lean import (
     unpack_bits,
 )
 from da3.memory import analytical_floor_bytes, saved_activation_bytes
-from da3.methods import FrozenBackbone, build_model
+from da3.methods import FrozenBackbone, build_model, make_config
 
 ALL = list_backbones()
 TOL = 1e-5
@@ -332,6 +332,89 @@ def test_sliced_convolution_equals_whole_bit_for_bit(
         assert len(calls) > 1 and max(calls) < cout and sum(calls) == cout
     else:
         assert calls == [cout]
+
+
+@pytest.mark.parametrize(
+    "k,stride,size,shift",
+    [
+        (3, 1, 9, (0, 0)),
+        (3, 2, 10, (0, 0)),
+        (5, 2, 11, (0, 0)),
+        (5, 1, 7, (0, 0)),
+        (3, 2, 12, (1, 1)),
+        (5, 2, 9, (1, 0)),
+        (7, 3, 5, (0, 0)),
+        (3, 1, 2, (0, 0)),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("bits", [32, 8])
+def test_depthwise_by_taps_equals_the_convolution(monkeypatch, k, stride, size, shift, bits):
+    """Without oneDNN (native_kernels), a frozen depthwise convolution runs as one
+    multiply-add per kernel tap (PyTorch's own CPU kernel would run one convolution per
+    channel): outputs and input gradients equal F.conv2d's to float rounding, with padding
+    larger than the map, strides that skip rows, and leading zero taps ("same" padding)."""
+    from da3.lean import ops
+
+    g = torch.Generator().manual_seed(5)
+    c = 6
+    stored, scale = ops.quantize_weight(torch.randn(c, 1, k, k, generator=g), bits)
+    # a leading zero tap along an axis (shift) is what same_conv_padding makes
+    w = F.pad(ops.dequantize_weight(stored, scale), (shift[1], 0, shift[0], 0))
+    x = torch.randn(2, c, size, size + 1, generator=g, requires_grad=True)
+    b = torch.randn(c, generator=g)
+    p, s = (k // 2, k // 2), (stride, stride)
+    want = F.conv2d(x, w, b, s, p, 1, c)
+    up = torch.randn(want.shape, generator=g)
+    (want_grad,) = torch.autograd.grad(want, x, up)
+    assert ops.onednn_enabled() or not torch.backends.mkldnn.is_available()
+    calls = []
+    real = F.conv2d
+    monkeypatch.setattr(ops.F, "conv2d", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with ops.native_kernels():
+        assert not ops.onednn_enabled()
+        got = ops.sliced_conv2d(x.detach(), stored, scale, b, s, p, (1, 1), c, shift)
+        got_grad = ops.sliced_conv2d_input_grad(x.shape, stored, scale, up, s, p, (1, 1), c, shift)
+    monkeypatch.undo()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-5)
+    assert not calls  # one multiply-add per tap that meets the map, no convolution call
+
+
+def test_native_kernels_turn_onednn_off_and_back_on_even_after_an_error():
+    from da3.lean import ops
+
+    before = torch.backends.mkldnn.enabled
+    with pytest.raises(RuntimeError, match="boom"), ops.native_kernels():
+        assert not torch.backends.mkldnn.enabled
+        raise RuntimeError("boom")
+    assert torch.backends.mkldnn.enabled == before
+
+
+def test_lean_depthwise_backbone_trains_the_same_without_onednn():
+    """A DA3 step on EfficientNet-Lite0's lean form (depthwise by taps, the rest on
+    PyTorch's own kernels) gives the loss and adaptor gradients of the oneDNN step to float
+    rounding."""
+    from da3.lean import ops
+
+    frozen = FrozenBackbone(create_backbone("efficientnet_lite0", "none"), "lean")
+    model = build_model("da3", frozen, 5, make_config("da3"))
+    model.train()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 3])
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.trainable_parameters()]
+
+    loss, want = grads()
+    with ops.native_kernels():
+        native_loss, got = grads()
+    torch.testing.assert_close(native_loss, loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 @on_devices

@@ -338,13 +338,15 @@ def check_device(device: str) -> str:
 
 
 def run_train(args) -> int:
-    from da3.memory import lean_allocator
+    from da3.memory import MEMORY_FIRST_MMAP_THRESHOLD, lean_allocator
     from da3.store import DomainStore
     from da3.training import describe_memory, train_domain
 
     lean_allocator()  # freed tensors go back to the system (see its docstring)
 
     settings = resolve_settings(args)
+    if settings.memory_first:
+        lean_allocator(MEMORY_FIRST_MMAP_THRESHOLD)
     store = DomainStore(args.store)
     name = settings.domain
     unfinished = store.unfinished_run(name) if not args.resume else None

@@ -88,6 +88,12 @@ class TrainSettings:
     frozen_bits: int = 32  # the frozen backbone's weights in 32, 16 or 8 bits (lean methods)
     method_config: dict = field(default_factory=dict)
 
+    @property
+    def memory_first(self) -> bool:
+        """Whether this run puts memory before speed: it trains in micro-batches, or within
+        a memory budget (see :func:`_memory_first`)."""
+        return bool(self.memory_budget) or 0 < self.micro_batch < self.batch_size
+
     # the names TrainConfig takes from here
     TRAIN_KEYS = (
         "epochs",
@@ -385,9 +391,19 @@ def train_domain(
         run_dir = store.run_dir(name)
         # Everything the run holds lives in _fit_and_save and is gone when it returns:
         # what comes after (the plot) starts from the runtime, not on top of training.
-        record = _fit_and_save(
-            settings, store, run_dir, checkpoints, model, meter, say, resume, progress, warm_start
-        )
+        with _memory_first(settings):
+            record = _fit_and_save(
+                settings,
+                store,
+                run_dir,
+                checkpoints,
+                model,
+                meter,
+                say,
+                resume,
+                progress,
+                warm_start,
+            )
         if checkpoints is not None:
             store.prune_checkpoints(name, keep=checkpoints)  # the other runs' are superseded
         release_memory()
@@ -423,6 +439,18 @@ def train_domain(
         memory=memory,
         settings=settings,
     )
+
+
+def _memory_first(settings):
+    """A run in micro-batches or within a budget puts memory before speed from its start:
+    its convolutions run on PyTorch's own CPU kernels, not oneDNN's
+    (:func:`da3.lean.ops.native_kernels`; the same numbers to float rounding). oneDNN's
+    blocked copies, its cache of compiled kernels and its share of libtorch's code pages
+    cost a micro-batch run of DA3 on EfficientNet-Lite0 about 11 MiB of its peak, at the
+    same speed (benchmarks/process_memory.py)."""
+    from da3.lean.ops import native_kernels
+
+    return native_kernels() if settings.memory_first else contextlib.nullcontext()
 
 
 def _sliced(tc):

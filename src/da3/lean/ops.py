@@ -243,6 +243,97 @@ def _is_depthwise(channels: int, weight: torch.Tensor, groups: int) -> bool:
     return groups == channels == weight.shape[0] and weight.shape[1] == 1
 
 
+def onednn_enabled() -> bool:
+    """Whether PyTorch runs CPU convolutions with oneDNN now (see :func:`native_kernels`)."""
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
+@contextlib.contextmanager
+def native_kernels():
+    """Within this block, CPU convolutions run on PyTorch's own kernels instead of oneDNN's
+    (``torch.backends.mkldnn``), and frozen depthwise convolutions on :func:`depthwise_taps`.
+
+    oneDNN is the fastest on the CPU, but it copies each convolution's tensors into its own
+    blocked layouts, caches a compiled kernel for every shape it meets, and a process that
+    uses it pages in several MiB more of libtorch's code. A training run in micro-batches
+    (memory before speed) runs so: for a micro-batch of one 224 px image, a ResNet-50 step
+    is about as fast and the whole process needs less memory (``benchmarks/process_memory.py``).
+    The numbers differ from oneDNN's by float rounding (sums in another order)."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+def _tap_range(
+    size_in: int, size_out: int, tap: int, stride: int, pad: int
+) -> tuple[int, int, int]:
+    """The outputs ``[lo, hi)`` along one axis that a kernel tap reads inside the input (not
+    in its zero padding), and the input index the first of them reads."""
+    lo = max(0, -(-(pad - tap) // stride))
+    hi = min(size_out, (size_in - 1 + pad - tap) // stride + 1)
+    return lo, hi, lo * stride + tap - pad
+
+
+def _taps(in_hw, out_hw, kernel, stride, padding, shift):
+    """Per kernel tap that meets the input: (i, j, output slices, input slices)."""
+    for i in range(shift[0], kernel[0]):  # a leading zero tap (``shift``) adds nothing
+        y0, y1, iy = _tap_range(in_hw[0], out_hw[0], i, stride[0], padding[0])
+        if y1 <= y0:
+            continue
+        for j in range(shift[1], kernel[1]):
+            x0, x1, ix = _tap_range(in_hw[1], out_hw[1], j, stride[1], padding[1])
+            if x1 <= x0:
+                continue
+            rows = slice(iy, iy + (y1 - y0 - 1) * stride[0] + 1, stride[0])
+            cols = slice(ix, ix + (x1 - x0 - 1) * stride[1] + 1, stride[1])
+            yield i, j, (slice(y0, y1), slice(x0, x1)), (rows, cols)
+
+
+def depthwise_taps(x, weight, bias, stride, padding, shift=(0, 0)) -> torch.Tensor:
+    """A depthwise convolution (dilation 1) as one multiply-add per kernel tap over the
+    whole map, in place into the output: no copy of the input, no workspace. (Without
+    oneDNN, PyTorch's CPU kernel runs a depthwise convolution as one convolution per
+    channel.) ``weight`` (C, 1, kh, kw) in float, its first ``shift`` taps zero."""
+    n, c, h, w = x.shape
+    kernel = tuple(weight.shape[2:])
+    out_hw = [
+        (d + 2 * p - k) // s + 1 for d, p, k, s in zip((h, w), padding, kernel, stride, strict=True)
+    ]
+    out = x.new_zeros((n, c, *out_hw))
+    for i, j, (oy, ox), (iy, ix) in _taps((h, w), out_hw, kernel, stride, padding, shift):
+        out[:, :, oy, ox].addcmul_(x[:, :, iy, ix], weight[:, 0, i, j].view(1, c, 1, 1))
+    if bias is not None:
+        out += bias.detach().to(out.dtype).view(1, c, 1, 1)
+    return out
+
+
+def depthwise_taps_input_grad(shape, weight, grad, stride, padding, shift=(0, 0)) -> torch.Tensor:
+    """The input gradient of :func:`depthwise_taps`: each tap's multiply-add the other way."""
+    c = shape[1]
+    kernel = tuple(weight.shape[2:])
+    out = grad.new_zeros(shape)
+    taps = _taps(tuple(shape[2:]), tuple(grad.shape[2:]), kernel, stride, padding, shift)
+    for i, j, (oy, ox), (iy, ix) in taps:
+        out[:, :, iy, ix].addcmul_(grad[:, :, oy, ox], weight[:, 0, i, j].view(1, c, 1, 1))
+    return out
+
+
+def _by_taps(x: torch.Tensor, weight: torch.Tensor, groups: int, dilation) -> bool:
+    """Whether a frozen convolution runs as :func:`depthwise_taps`: a depthwise one on the
+    CPU while oneDNN is off (:func:`native_kernels`)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False  # a graph for export: the convolution itself
+    return (
+        x.device.type == "cpu"
+        and tuple(dilation) == (1, 1)
+        and _is_depthwise(x.shape[1], weight, groups)
+        and not onednn_enabled()
+    )
+
+
 def sliced_conv2d(x, weight, scale, bias, stride, padding, dilation, groups, shift=(0, 0)):
     """``F.conv2d`` of ``x`` with the float weight a stored one stands for (``weight`` and
     ``scale`` as stored, ``shift`` its leading zero taps: :func:`_run_weight`), run in
@@ -262,6 +353,9 @@ def sliced_conv2d(x, weight, scale, bias, stride, padding, dilation, groups, shi
         for i in range(2)
     ]
     out_shape = (x.shape[0], weight.shape[0], *out_hw)
+    if _by_taps(x, weight, groups, dilation):
+        w = _run_weight(weight, scale, x.dtype, shift)
+        return depthwise_taps(x, w, bias, stride, padding, shift)
     depthwise = _is_depthwise(x.shape[1], weight, groups)
     # what slices make smaller: the output and the weight, and a depthwise one's input
     big = max(x.numel() if depthwise else 0, math.prod(out_shape)) * x.element_size()
@@ -287,6 +381,9 @@ def sliced_conv2d_input_grad(
     of the input's channels where its tensors are large (see :func:`sliced_conv2d`): a
     depthwise convolution over its channels, any other (ungrouped) one over its input
     channels; the same numbers, bit for bit (tested)."""
+    if _by_taps(grad, weight, groups, dilation):
+        w = _run_weight(weight, scale, grad.dtype, shift)
+        return depthwise_taps_input_grad(shape, w, grad, stride, padding, shift)
     depthwise = _is_depthwise(shape[1], weight, groups)
     big = max(math.prod(shape), grad.numel() if depthwise else 0) * grad.element_size()
     big = max(big, _float_bytes(weight, shift, grad.dtype) // 2)
