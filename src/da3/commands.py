@@ -101,8 +101,9 @@ def register(commands) -> None:
         type=int,
         dest="micro_batch",
         help="images per forward/backward pass; gradients add up over a batch (exact where "
-        "no batch norm trains: da3, bias, linear, tinytl, udta, piggyback) (default 0: the "
-        "whole batch)",
+        "no batch norm trains: da3, bias, linear, tinytl, udta, piggyback); such a run puts "
+        "memory first (convolutions sliced, on PyTorch's own CPU kernels, not oneDNN's) "
+        "(default 0: the whole batch)",
     )
     p.add_argument(
         "--memory-budget",

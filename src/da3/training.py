@@ -529,7 +529,8 @@ def _fit_and_save(
                 if coupled
                 else "the same gradient as the full batch, to float rounding"
             )
-            + "; the widest convolutions run in slices of channels (less memory, slower)"
+            + "; memory first: the widest convolutions run in slices of channels, all on "
+            "PyTorch's own CPU kernels rather than oneDNN's"
         )
     with meter.phase("data"):
         data = load_domain(settings.data, settings.image_size, progress=progress)
