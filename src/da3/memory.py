@@ -128,8 +128,8 @@ M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc's malloc.h)
 LEAN_MMAP_THRESHOLD = 128 * 1024
 # a run that puts memory first (micro-batches, a budget): blocks from 32 KiB up are mapped
 # alone, so the many small tensors of a micro-batch step (a slice's float weight, a DA3
-# adaptor's maps) do not scatter the heap: 3-4 MiB less at its peak for a micro-batch of
-# one 224 px image, on EfficientNet-Lite0 and on ResNet-50 (benchmarks/process_memory.py)
+# adaptor's maps) do not scatter the heap (with da3.lean.ops.native_kernels: see
+# da3.training._memory_first for what the two did to a whole run)
 MEMORY_FIRST_MMAP_THRESHOLD = 32 * 1024
 
 

@@ -444,10 +444,10 @@ def train_domain(
 def _memory_first(settings):
     """A run in micro-batches or within a budget puts memory before speed from its start:
     its convolutions run on PyTorch's own CPU kernels, not oneDNN's
-    (:func:`da3.lean.ops.native_kernels`; the same numbers to float rounding). oneDNN's
-    blocked copies, its cache of compiled kernels and its share of libtorch's code pages
-    cost a micro-batch run of DA3 on EfficientNet-Lite0 about 11 MiB of its peak, at the
-    same speed (benchmarks/process_memory.py)."""
+    (:func:`da3.lean.ops.native_kernels`; the same numbers to float rounding), and the CLI
+    maps larger blocks alone (:data:`da3.memory.MEMORY_FIRST_MMAP_THRESHOLD`). Together they
+    took a micro-batch-1 DA3 run on EfficientNet-Lite0 at 8 bits from 62.6 to 47.7 MiB
+    above the runtime (benchmarks/process_memory.py, docs/benchmark.md)."""
     from da3.lean.ops import native_kernels
 
     return native_kernels() if settings.memory_first else contextlib.nullcontext()

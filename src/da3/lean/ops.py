@@ -255,10 +255,10 @@ def native_kernels():
 
     oneDNN is the fastest on the CPU, but it copies each convolution's tensors into its own
     blocked layouts, caches a compiled kernel for every shape it meets, and a process that
-    uses it pages in several MiB more of libtorch's code. A training run in micro-batches
-    (memory before speed) runs so: for a micro-batch of one 224 px image, a ResNet-50 step
-    is about as fast and the whole process needs less memory (``benchmarks/process_memory.py``).
-    The numbers differ from oneDNN's by float rounding (sums in another order)."""
+    uses it pages in more of libtorch's code. A training run in micro-batches (memory
+    before speed) runs so, and its whole process needs less memory
+    (``benchmarks/process_memory.py``). The numbers differ from oneDNN's by float rounding
+    (sums in another order)."""
     before = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
     try:
