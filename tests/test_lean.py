@@ -11,6 +11,7 @@ Four things are checked, each against an independent reference:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -389,6 +390,57 @@ def test_native_kernels_turn_onednn_off_and_back_on_even_after_an_error():
         assert not torch.backends.mkldnn.enabled
         raise RuntimeError("boom")
     assert torch.backends.mkldnn.enabled == before
+
+
+class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most elements any operation's output had."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "mobilenet_v2"])
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("native", [False, True], ids=["onednn", "native"])
+def test_expansion_and_depthwise_run_together_in_slices(name, bits, native):
+    """While convolutions are sliced and nothing needs a gradient, an inverted residual's
+    expansion and its depthwise convolution run a slice of channels at a time: the
+    expanded map of the second block (96 x 112 x 112 at 224 px) never exists whole, and
+    the features equal the layers run one by one (as they are when hooked) bit for bit.
+    With a gradient to compute, the layers run one by one."""
+    from da3.lean import ops
+
+    lean = to_lean(create_backbone(name, "none"), frozen_bits=bits)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    expanded = 96 * 112 * 112
+
+    def run(x, hooked=False):
+        hook = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+        if not hooked:
+            hook.remove()
+        try:
+            kernels = ops.native_kernels() if native else contextlib.nullcontext()
+            with kernels, ops.sliced_convolutions(), _LargestOutput() as seen:
+                out = lean.forward_features(x)
+        finally:
+            hook.remove()
+        return out, seen.largest
+
+    together, largest = run(x)
+    one_by_one, largest_hooked = run(x, hooked=True)
+    assert torch.equal(together, one_by_one)
+    assert largest_hooked >= expanded  # the whole expanded map, one by one
+    assert largest <= expanded // 2
+    _, largest_grad = run(x.clone().requires_grad_(True))
+    assert largest_grad >= expanded
 
 
 def test_lean_depthwise_backbone_trains_the_same_without_onednn():

@@ -15,6 +15,7 @@ from da3.lean.ops import (
     LeanMaxPool2d,
     LeanReLU,
     LeanReLU6,
+    LeanSequential,
     check_frozen_bits,
 )
 
@@ -83,7 +84,7 @@ class _Converter:
                 family=m.family,
             )
         if isinstance(m, nn.Sequential):
-            return nn.Sequential(*self.sequence(list(m)))
+            return LeanSequential(*self.sequence(list(m)))
         if isinstance(m, nn.Conv2d):
             self._before(m)
             return self._made(LeanConv2d.from_conv(m), m)

@@ -529,6 +529,25 @@ class LeanConv2d(nn.Module):
             return sliced_conv2d(*args)
         return _FrozenConv2dFn.apply(*args)
 
+    def channels(self, a: int, e: int) -> LeanConv2d:
+        """Output channels ``[a, e)`` of this convolution, ungrouped or depthwise, as a
+        convolution of their own whose tensors are views of this one's (a depthwise one then
+        reads the same channels of its input)."""
+        depthwise = _is_depthwise(self.in_channels, self.weight, self.groups)
+        if self.groups != 1 and not depthwise:
+            raise ValueError("LeanConv2d.channels: a grouped convolution is not depthwise")
+        part = LeanConv2d(
+            self.weight[a:e],
+            self.bias.detach()[a:e],
+            self.stride,
+            self.padding,
+            self.dilation,
+            e - a if depthwise else 1,
+            self.same_pad,
+            weight_scale=None if self.weight_scale is None else self.weight_scale[a:e],
+        )
+        return part
+
     def extra_repr(self) -> str:
         k = tuple(self.weight.shape[-2:])
         return (
@@ -645,6 +664,84 @@ class LeanReLU6(LeanReLU):
     """ReLU6 keeping a 1-bit mask: its gradient is 1 exactly where ``0 < x < 6``."""
 
     upper = 6.0
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks)
+
+
+class LeanSequential(nn.Sequential):
+    """A sequence of frozen lean modules (the converter's form of ``nn.Sequential``).
+
+    While frozen convolutions run in slices (:func:`sliced_convolutions`) and nothing in
+    the sequence needs a gradient, an inverted residual's expansion (a 1x1 convolution and
+    its ReLU) and the depthwise convolution after it (and its ReLU) run together, a slice
+    of channels at a time: the expanded map, a mobile network's largest tensor, then never
+    exists whole; only a slice of it does, beside the depthwise convolution's output. Each
+    channel goes through the same operations as when the layers run one by one: the same
+    numbers, bit for bit (tested). Layers with hooks of their own always run one by one.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = list(self._modules.values())
+        i = 0
+        while i < len(layers):
+            # the four layers side by side (EfficientNet-Lite), or as two pairs
+            # (torchvision's MobileNetV2: a convolution and its activation in a sequence)
+            pairs = [_as_pair(m) for m in layers[i : i + 2]]
+            for span, run in ((4, layers[i : i + 4]), (2, [m for p in pairs for m in p])):
+                y = _expand_depthwise(run, x)
+                if y is not None:
+                    x, i = y, i + span
+                    break
+            else:
+                x, i = layers[i](x), i + 1
+        return x
+
+
+def _as_pair(m: nn.Module) -> list[nn.Module]:
+    """The two layers of a :class:`LeanSequential` of two, without hooks of its own."""
+    if type(m) is LeanSequential and len(m) == 2 and not _hooked(m):
+        return list(m)
+    return []
+
+
+def _expand_depthwise(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor | None:
+    """``layers`` (1x1 convolution, ReLU, depthwise convolution, ReLU) run on ``x`` a slice
+    of expanded channels at a time (see :class:`LeanSequential`); None when they are not
+    such layers, a gradient is needed, or the expanded map is small enough to run whole."""
+    if SLICE_BYTES is None or x.requires_grad or len(layers) != 4 or x.dim() != 4:
+        return None
+    expand, act, dw, act2 = layers
+    if not (
+        type(expand) is LeanConv2d
+        and type(dw) is LeanConv2d
+        and type(act) in (LeanReLU, LeanReLU6)
+        and type(act2) in (LeanReLU, LeanReLU6)
+        and expand.groups == 1
+        and tuple(expand.weight.shape[2:]) == (1, 1)
+        and tuple(expand.stride) == (1, 1)
+        and tuple(expand.padding) == (0, 0)
+        and expand.in_channels == x.shape[1]
+        and _is_depthwise(expand.out_channels, dw.weight, dw.groups)
+        and not (expand.bias.requires_grad or dw.bias.requires_grad)
+        and not any(_hooked(m) for m in layers)
+        and not (torch.nn.modules.module._global_forward_hooks)
+        and not (torch.nn.modules.module._global_forward_pre_hooks)
+    ):
+        return None
+    channels = expand.out_channels
+    slices = _slices(channels, x.shape[0] * channels * x.shape[2] * x.shape[3] * x.element_size())
+    if len(slices) == 1:
+        return None
+    out = None
+    for a, e in slices:
+        part = dw.channels(a, e)(act(expand.channels(a, e)(x)))
+        if out is None:
+            out = part.new_empty((part.shape[0], channels, *part.shape[2:]))
+        out[:, a:e] = act2(part)
+        del part
+    return out
 
 
 # ---------------------------------------------------------------------------------------
