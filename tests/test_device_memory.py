@@ -373,6 +373,70 @@ def test_a_lite0_run_imports_only_what_it_needs(tmp_path):
     assert "PIL" not in tops(seen["before_plot"]) and "PIL" in after
 
 
+WORKSPACE_SCRIPT = """
+import ctypes, sys
+if sys.argv[1] == "freed":
+    from da3.commands import no_blas_buffers
+    no_blas_buffers()
+import torch
+import torch.nn.functional as F
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "a b c d mapped f g h i j".split()]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+libc.mallopt(-3, 32 * 1024)  # blocks of 32 KiB and more mapped alone (as da3 train does)
+torch.set_num_threads(2)
+torch.backends.mkldnn.enabled = False  # PyTorch's own kernels: im2col and MKL's GEMM
+x, w = torch.randn(1, 3, 225, 225), torch.randn(32, 3, 3, 3)
+before = libc.mallinfo2().mapped
+F.conv2d(x, w, None, 2)
+print(libc.mallinfo2().mapped - before)
+"""
+
+TORCH_IMPORT_SCRIPT = """
+import os, sys
+
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            print("MKL_DISABLE_FAST_MM", os.environ.get("MKL_DISABLE_FAST_MM"), flush=True)
+            sys.meta_path.remove(self)
+
+sys.meta_path.insert(0, Watch())
+from da3.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or "BLAS_INFO=mkl" not in torch.__config__.show(),
+    reason="MKL's workspaces, measured through glibc's mallinfo2",
+)
+def test_da3_train_frees_mkl_workspaces(tmp_path):
+    """MKL keeps each thread's GEMM workspace for its next call unless MKL_DISABLE_FAST_MM
+    is set when torch loads: `da3 train` sets it before it first imports torch, and a
+    convolution on PyTorch's own kernels then leaves nothing mapped behind."""
+    env = {k: v for k, v in os.environ.items() if k != "MKL_DISABLE_FAST_MM"}
+    left = {}
+    for how in ("kept", "freed"):
+        run = [sys.executable, "-c", WORKSPACE_SCRIPT, how]
+        out = subprocess.run(run, env=env, capture_output=True, text=True, check=True)
+        left[how] = int(out.stdout.split()[-1])
+    assert left["kept"] >= 2**20, left  # ~3 MiB per thread at this size
+    assert left["freed"] < 2**18, left
+    argv = ["train", "--domain", "d", "--data", str(tmp_path / "missing"), "--quiet"]
+    out = subprocess.run(
+        [sys.executable, "-c", TORCH_IMPORT_SCRIPT, *argv, "--store", str(tmp_path / "s")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode != 0 and "missing" in out.stderr  # the run itself fails, later
+    assert out.stdout.splitlines()[0] == "MKL_DISABLE_FAST_MM 1"
+
+
 # ---------------------------------------------------------------------------------------
 # the optimizer
 

@@ -338,7 +338,18 @@ def check_device(device: str) -> str:
     return device
 
 
+def no_blas_buffers() -> None:
+    """Have MKL (torch's BLAS on x86) free its GEMM workspaces after each call instead of
+    keeping them for the next one (``MKL_DISABLE_FAST_MM``, unless the environment sets it
+    already). MKL reads this when torch is loaded: it must be set before torch is first
+    imported, as ``da3 train`` does. What it saves: each thread's workspace of PyTorch's
+    own convolution kernels (a run in micro-batches; see
+    ``benchmarks/results/memory_mkl.md``)."""
+    os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
+
+
 def run_train(args) -> int:
+    no_blas_buffers()  # before torch is imported (below)
     from da3.memory import MEMORY_FIRST_MMAP_THRESHOLD, lean_allocator
     from da3.store import DomainStore
     from da3.training import describe_memory, train_domain

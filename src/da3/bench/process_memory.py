@@ -144,13 +144,13 @@ def train_run(
     method: str,
     micro_batch: int,
     env: dict,
+    python: list[str] | None = None,
 ) -> dict:
-    """One real ``da3 train`` process; its peaks and its own memory record."""
+    """One real ``da3 train`` process; its peaks and its own memory record. ``python``:
+    what runs the ``da3.cli`` module (default ``python -m da3.cli``)."""
     name = f"{method}-mb{micro_batch}"
     argv = [
-        sys.executable,
-        "-m",
-        "da3.cli",
+        *(python or [sys.executable, "-m", "da3.cli"]),
         "train",
         "--domain",
         name,
