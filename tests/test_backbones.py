@@ -1,6 +1,7 @@
 """The backbone registry contract, the block view, and the real ImageNet check."""
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -245,14 +246,22 @@ def test_a_lazy_backbone_is_the_same_backbone(name, weights, fmt, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_lazy_backbone_holds_one_layer_of_float32_weights_at_a_time():
+@pytest.mark.parametrize("source", ["random", "legacy", "zip"])
+def test_a_lazy_backbone_holds_one_layer_of_float32_weights_at_a_time(source, tmp_path):
     """Converted to the lean form at 8 bits, a lazy ResNet-18 (44.6 MiB of float32
     weights) never holds more float32 stock weights than its largest layer (one 3x3
-    convolution of 512 channels and its batch norm: 9.0 MiB)."""
+    convolution of 512 channels and its batch norm: 9.0 MiB), whether its weights are made
+    or read from a .pth file, a legacy one (torch.save before zip files) included."""
     from da3.backbones.lazy import named_tensors
     from da3.lean import to_lean
 
-    backbone = create_backbone("resnet18", None, lazy=True)
+    weights = None
+    if source != "random":
+        from torchvision.models import resnet18
+
+        weights = str(tmp_path / "r18.pth")
+        torch.save(resnet18().state_dict(), weights, _use_new_zipfile_serialization=source == "zip")
+    backbone = create_backbone("resnet18", weights, lazy=True)
     reader = backbone.weight_reader
     held = []
     read = reader._read
@@ -270,6 +279,44 @@ def test_a_lazy_backbone_holds_one_layer_of_float32_weights_at_a_time():
     assert total > 44 * 2**20
     largest = 512 * 512 * 9 * 4 + 4 * 512 * 4 + 8
     assert max(held) <= largest, (max(held), largest)
+
+
+def test_a_legacy_weights_file_is_read_a_tensor_at_a_time_and_runs_no_code(tmp_path):
+    """EfficientNet-Lite0's ImageNet weights come as a legacy .pth (torch.save before zip
+    files): read lazily, tensor by tensor, the same values and strides as torch.load gives.
+    A legacy file whose pickle calls anything but a state dict's parts is refused with a
+    one-line error, and what it would call does not run."""
+    import pickle
+
+    from da3.backbones import lite0_weights_file
+    from da3.backbones.lazy import file_reader
+
+    path = lite0_weights_file()
+    whole = torch.load(path, map_location="cpu", weights_only=True)
+    reader = file_reader(path, {k: (tuple(v.shape), v.dtype) for k, v in whole.items()})
+    names = list(whole)
+    got = reader(names[:40]) | reader(names[40:])
+    for k in names:
+        assert torch.equal(got[k], whole[k]) and got[k].stride() == whole[k].stride(), k
+    stem = whole["_conv_stem.weight"]
+    assert stem.stride() != stem.contiguous().stride()  # strides as saved, not contiguous
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "evil.pth"
+    with open(bad, "wb") as f:
+        for part in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
+            pickle.dump(part, f)
+        pickle.dump({"_conv_stem.weight": Evil()}, f)
+        pickle.dump([], f)
+    with pytest.raises(Da3Error, match=r"evil.pth: ") as err:
+        create_backbone("efficientnet_lite0", str(bad), lazy=True)
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
 
 
 def test_a_weights_file_cut_while_a_lazy_backbone_reads_it_is_a_one_line_error(tmp_path):

@@ -17,6 +17,9 @@ weights give the same fingerprint whichever way they were built.
 
 from __future__ import annotations
 
+import collections
+import pickle
+import struct
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -142,6 +145,122 @@ def _mmap_state(path: Path) -> dict[str, torch.Tensor] | None:
         return None  # not a zip checkpoint (legacy format): cannot be mapped
 
 
+# The storage types a legacy ``.pth`` names, and what their elements are.
+_LEGACY_STORAGES = {
+    f"{kind}Storage": dtype
+    for kind, dtype in (
+        ("Float", torch.float32),
+        ("Double", torch.float64),
+        ("Half", torch.float16),
+        ("BFloat16", torch.bfloat16),
+        ("Long", torch.int64),
+        ("Int", torch.int32),
+        ("Short", torch.int16),
+        ("Char", torch.int8),
+        ("Byte", torch.uint8),
+        ("Bool", torch.bool),
+    )
+}
+
+
+class _LegacyTensor:
+    """Where a tensor of a legacy ``.pth`` lies: its storage (by key), offset, shape, strides."""
+
+    def __init__(self, storage, offset, size, stride, *_rest) -> None:
+        if not (isinstance(storage, tuple) and len(storage) == 2):
+            raise pickle.UnpicklingError("a tensor without a storage")
+        self.key, self.dtype = storage
+        self.offset, self.size, self.stride = int(offset), tuple(size), tuple(stride)
+        self.shape = self.size
+
+
+class _LegacyIndex(pickle.Unpickler):
+    """Unpickles the parts of a legacy (non-zip) ``torch.save`` file that describe a state
+    dict, making nothing but dicts, tuples and :class:`_LegacyTensor`: any other global is
+    refused."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _LegacyTensor
+        if module == "torch" and name in _LEGACY_STORAGES:
+            return _LEGACY_STORAGES[name]
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a state dict")
+
+    def __init__(self, file) -> None:
+        super().__init__(file)
+        self.storages: dict[str, torch.dtype] = {}  # key -> element type, as they come
+
+    def persistent_load(self, pid):
+        # ('storage', storage type, key, location, numel[, view metadata])
+        if not (
+            isinstance(pid, tuple) and pid[0] == "storage" and pid[1] in _LEGACY_STORAGES.values()
+        ):
+            raise pickle.UnpicklingError("an unknown persistent id")
+        self.storages[str(pid[2])] = pid[1]
+        return (str(pid[2]), pid[1])
+
+
+def _legacy_index(path: Path) -> dict[str, tuple[int, _LegacyTensor]] | None:
+    """Name -> (byte offset of its storage's data, where it lies) for a legacy (non-zip)
+    ``.pth`` state dict: the file read through without its tensors' data (each storage is
+    an element count and the elements, in the order of a key list). None when the file is
+    not such a state dict (then it is read whole by torch.load)."""
+    try:
+        with open(path, "rb") as f:
+            magic, protocol = _LegacyIndex(f).load(), _LegacyIndex(f).load()
+            info = _LegacyIndex(f).load()
+            if magic != _LEGACY_MAGIC or protocol != 1001 or not info.get("little_endian"):
+                return None
+            main = _LegacyIndex(f)
+            state = main.load()
+            keys = _LegacyIndex(f).load()
+            if not isinstance(state, dict) or not all(
+                isinstance(k, str) and isinstance(v, _LegacyTensor) for k, v in state.items()
+            ):
+                return None
+            starts = {}
+            for key in keys:
+                (count,) = struct.unpack("<q", f.read(8))
+                starts[key] = f.tell()
+                f.seek(count * main.storages[key].itemsize, 1)
+            if f.tell() > path.stat().st_size:
+                return None
+            return {name: (starts[t.key], t) for name, t in state.items()}
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        KeyError,
+        AttributeError,
+        TypeError,
+        ValueError,
+        struct.error,
+    ):
+        return None
+
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization's MAGIC_NUMBER
+
+
+def _read_legacy(f, start: int, t: _LegacyTensor) -> torch.Tensor:
+    """One tensor of a legacy ``.pth`` (``f`` open on it): the span of its storage it covers,
+    read into a new tensor, with its shape and strides."""
+    span = 1 + sum((n - 1) * s for n, s in zip(t.size, t.stride, strict=True)) if all(t.size) else 0
+    data = torch.empty(span, dtype=t.dtype)
+    view = memoryview(data.view(torch.uint8).numpy()) if span else memoryview(bytearray())
+    f.seek(start + t.offset * t.dtype.itemsize)
+    if f.readinto(view) != len(view):
+        raise EOFError("the file ends inside a tensor")
+    return data.as_strided(t.size, t.stride)
+
+
+def _first_line(err: Exception) -> str:
+    """``Type: message`` of an error, its first line only (torch's are paragraphs)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 def file_reader(path: Path, expected: dict[str, tuple[tuple, torch.dtype]]):
     """``read_native`` over a ``.safetensors`` or ``.pth`` state dict, checked against
     ``expected`` (native name -> shape, dtype) before anything is read: a one-line
@@ -150,7 +269,8 @@ def file_reader(path: Path, expected: dict[str, tuple[tuple, torch.dtype]]):
     are not held between reads."""
     if not path.is_file():
         raise Da3Error(f"{path}: weights file not found")
-    held: dict[str, torch.Tensor] | None = None  # a legacy .pth, read once and kept
+    held: dict[str, torch.Tensor] | None = None  # a .pth torch.load had to read whole
+    legacy = None  # a legacy .pth state dict: where each tensor lies in it
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
@@ -160,17 +280,22 @@ def file_reader(path: Path, expected: dict[str, tuple[tuple, torch.dtype]]):
         else:
             state = _mmap_state(path)
             if state is None:
+                state = legacy = _legacy_index(path)
+            if state is None:
                 state = held = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict) or not all(
-                isinstance(v, torch.Tensor) for v in state.values()
-            ):
+            if not isinstance(state, dict):
                 raise Da3Error(f"{path}: not a state dict of tensors")
-            shapes = {k: tuple(v.shape) for k, v in state.items()}
+            if legacy is not None:
+                shapes = {k: tuple(t.size) for k, (_, t) in legacy.items()}
+            else:
+                if not all(isinstance(v, torch.Tensor) for v in state.values()):
+                    raise Da3Error(f"{path}: not a state dict of tensors")
+                shapes = {k: tuple(v.shape) for k, v in state.items()}
             del state
     except Da3Error:
         raise
     except Exception as err:  # noqa: BLE001 - any decoding failure is the file's fault
-        raise Da3Error(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
+        raise Da3Error(f"{path}: cannot read weights ({_first_line(err)})") from None
     missing = [k for k in expected if k not in shapes]
     unexpected = [k for k in shapes if k not in expected]
     wrong = [k for k in expected if k in shapes and shapes[k] != tuple(expected[k][0])]
@@ -194,6 +319,9 @@ def file_reader(path: Path, expected: dict[str, tuple[tuple, torch.dtype]]):
 
                 with safe_open(str(path), "pt") as f:
                     return {n: f.get_tensor(n) for n in names}
+            if legacy is not None:
+                with open(path, "rb") as f:
+                    return {n: _read_legacy(f, *legacy[n]) for n in names}
             state = _mmap_state(path)
             if state is None:
                 raise RuntimeError("the file changed while it was read")
@@ -201,7 +329,7 @@ def file_reader(path: Path, expected: dict[str, tuple[tuple, torch.dtype]]):
             del state
             return out
         except Exception as err:  # noqa: BLE001 - e.g. the file replaced or cut meanwhile
-            raise Da3Error(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
+            raise Da3Error(f"{path}: cannot read weights ({_first_line(err)})") from None
 
     return read_native
 
