@@ -421,6 +421,7 @@ def test_expansion_and_depthwise_run_together_in_slices(name, bits, native):
     lean = to_lean(create_backbone(name, "none"), frozen_bits=bits)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
     expanded = 96 * 112 * 112
+    fused_real = (ops._expand_depthwise, ops._depthwise_project)
 
     def run(x, hooked=False):
         hook = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
@@ -434,13 +435,76 @@ def test_expansion_and_depthwise_run_together_in_slices(name, bits, native):
             hook.remove()
         return out, seen.largest
 
-    together, largest = run(x)
+    fused = {"_expand_depthwise": 0, "_depthwise_project": 0}
+    for name_ in fused:
+        real = getattr(ops, name_)
+
+        def counted(*a, real=real, name_=name_):
+            out = real(*a)
+            fused[name_] += out is not None
+            return out
+
+        setattr(ops, name_, counted)
+    try:
+        together, largest = run(x)
+    finally:
+        ops._expand_depthwise = fused_real[0]
+        ops._depthwise_project = fused_real[1]
+    # three blocks expand a map larger than a slice at one 224 px image (96 x 112 x 112,
+    # 144 x 56 x 56 twice); the first block's depthwise output (32 x 112 x 112) goes to
+    # its projection a band of rows at a time
+    assert fused == {"_expand_depthwise": 3, "_depthwise_project": 1}
     one_by_one, largest_hooked = run(x, hooked=True)
     assert torch.equal(together, one_by_one)
     assert largest_hooked >= expanded  # the whole expanded map, one by one
     assert largest <= expanded // 2
     _, largest_grad = run(x.clone().requires_grad_(True))
     assert largest_grad >= expanded
+
+
+@pytest.mark.parametrize(
+    "cin,cout,k,stride,pad,size",
+    [
+        (3, 32, 3, 2, 1, 224),  # a stem
+        (3, 32, 3, 2, 0, 225),  # ... "same"-padded by hand
+        (144, 24, 1, 1, 0, 56),  # a projection
+        (16, 96, 1, 1, 0, 112),  # an expansion
+        (64, 64, 3, 1, 1, 56),  # a ResNet's 3x3
+        (256, 64, 3, 2, 1, 57),  # a long sum (K = 2304), odd size
+        (32, 16, 5, 1, 2, 40),
+    ],
+)
+@pytest.mark.parametrize("bits", [32, 8])
+def test_convolution_in_bands_of_rows_equals_whole_bit_for_bit(
+    cin, cout, k, stride, pad, size, bits
+):
+    """On PyTorch's own kernels, while convolutions are sliced, an ungrouped convolution
+    whose unfolded input is large runs a band of output rows at a time (MKL copies the
+    unfolded input per thread): the whole convolution's output bit for bit."""
+    from da3.lean import ops
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, cin, size, size + 3, generator=g)
+    stored, scale = ops.quantize_weight(torch.randn(cout, cin, k, k, generator=g), bits)
+    b = torch.randn(cout, generator=g)
+    calls = []
+    real = F.conv2d
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[2])
+        return real(*args, **kwargs)
+
+    with ops.native_kernels():
+        want = F.conv2d(x, ops.dequantize_weight(stored, scale), b, stride, pad)
+        with ops.sliced_convolutions(), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ops.F, "conv2d", counted)
+            got = ops.sliced_conv2d(x, stored, scale, b, (stride,) * 2, (pad,) * 2, (1, 1), 1)
+    assert torch.equal(got, want)
+    unfolded = cin * k * k * want.shape[2] * want.shape[3] * 4
+    if unfolded > ops.DEFAULT_SLICE_BYTES // 4:
+        assert len(calls) > 1 and max(calls) < size  # bands of rows, none the whole input
+    else:
+        assert calls == [size]
 
 
 def test_lean_depthwise_backbone_trains_the_same_without_onednn():

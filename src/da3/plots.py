@@ -197,13 +197,23 @@ def draw_chart(panels: list[Panel], path: Path, title: str, size=(900, 340)) -> 
     """Panels side by side under ``title``, written atomically to ``path`` as a PNG."""
     from PIL import Image, ImageDraw
 
-    w, h = size[0] * SCALE, size[1] * SCALE
-    image = Image.new("RGB", (w, h), (255, 255, 255))
-    ImageDraw.Draw(image).text((w / 2, 8 * SCALE), title, fill=INK, font=_font(13), anchor="mt")
-    top, each = 30 * SCALE, w // len(panels)
+    # Each part is drawn at SCALE on a canvas of its own and scaled into the image: the
+    # process that draws the chart (da3 train, last) holds one panel at SCALE at a time,
+    # not the whole chart.
+    image = Image.new("RGB", size, (255, 255, 255))
+    top, each = 30, size[0] // len(panels)
+    strip = Image.new("RGB", (size[0] * SCALE, top * SCALE), (255, 255, 255))
+    ImageDraw.Draw(strip).text(
+        (strip.width / 2, 8 * SCALE), title, fill=INK, font=_font(13), anchor="mt"
+    )
+    image.paste(strip.resize((size[0], top), Image.LANCZOS), (0, 0))
+    del strip
     for i, panel in enumerate(panels):
-        _draw_panel(image, (i * each + 4 * SCALE, top, (i + 1) * each - 4 * SCALE, h), panel)
-    image = image.resize(size, Image.LANCZOS)
+        w, h = each * SCALE, (size[1] - top) * SCALE
+        canvas = Image.new("RGB", (w, h), (255, 255, 255))
+        _draw_panel(canvas, (4 * SCALE, 0, w - 4 * SCALE, h), panel)
+        image.paste(canvas.resize((each, size[1] - top), Image.LANCZOS), (i * each, top))
+        del canvas
     tmp = path.with_name(f".{path.name}.tmp.png")
     image.save(tmp, format="PNG")
     os.replace(tmp, path)

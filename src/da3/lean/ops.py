@@ -363,14 +363,55 @@ def sliced_conv2d(x, weight, scale, bias, stride, padding, dilation, groups, shi
     slices = _slices(weight.shape[0], big) if depthwise or groups == 1 else [(0, 0)]
     if len(slices) == 1:
         w = _run_weight(weight, scale, x.dtype, shift)
+        if groups == 1:
+            return _conv_in_bands(x, w, bias, stride, padding, dilation)
         return F.conv2d(x, w, bias, stride, padding, dilation, groups)
     out = x.new_empty(out_shape)
     for a, e in slices:
         w = _run_weight(weight[a:e], None if scale is None else scale[a:e], x.dtype, shift)
-        part = x[:, a:e] if depthwise else x
         b = None if bias is None else bias[a:e]
-        out[:, a:e] = F.conv2d(part, w, b, stride, padding, dilation, e - a if depthwise else 1)
-        del w, part
+        if depthwise:
+            out[:, a:e] = F.conv2d(x[:, a:e], w, b, stride, padding, dilation, e - a)
+        else:
+            out[:, a:e] = _conv_in_bands(x, w, b, stride, padding, dilation)
+        del w
+    return out
+
+
+def _conv_in_bands(x, w, bias, stride, padding, dilation) -> torch.Tensor:
+    """An ungrouped ``F.conv2d``, run a band of output rows at a time while convolutions
+    are sliced on PyTorch's own CPU kernels (:func:`native_kernels`). Those unfold the
+    input (for a kernel larger than 1x1) and hand it to MKL's matrix product, which copies
+    it again into a workspace of its own for each thread: at one 224 px image, the largest
+    transient of a step (about 3.5 MiB for the 144-channel 56 x 56 input of
+    EfficientNet-Lite0's third block's last convolution, on two threads). A band's copies
+    are about a quarter of :data:`SLICE_BYTES` each. Each output is the same sum: the same
+    numbers, bit for bit (tested)."""
+    n, cin, h, width = x.shape
+    kh, kw = w.shape[2:]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    per_row = n * cin * kh * kw * ow * x.element_size()  # unfolded input of one output row
+    if (
+        SLICE_BYTES is None
+        or x.device.type != "cpu"
+        or onednn_enabled()
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or per_row * oh <= SLICE_BYTES // 4
+    ):
+        return F.conv2d(x, w, bias, stride, padding, dilation)
+    rows = max(1, SLICE_BYTES // 4 // per_row)
+    out = x.new_empty((n, w.shape[0], oh, ow))
+    for r0 in range(0, oh, rows):
+        r1 = min(oh, r0 + rows)
+        top = r0 * stride[0] - padding[0]  # the input rows the band reads, padding included
+        bottom = (r1 - 1) * stride[0] - padding[0] + dilation[0] * (kh - 1) + 1
+        band = x[:, :, max(top, 0) : min(bottom, h)]
+        if top < 0 or bottom > h:
+            band = F.pad(band, (0, 0, max(0, -top), max(0, bottom - h)))
+        out[:, :, r0:r1] = F.conv2d(band, w, bias, stride, (0, padding[1]), dilation)
+        del band
     return out
 
 
@@ -674,29 +715,53 @@ class LeanSequential(nn.Sequential):
     """A sequence of frozen lean modules (the converter's form of ``nn.Sequential``).
 
     While frozen convolutions run in slices (:func:`sliced_convolutions`) and nothing in
-    the sequence needs a gradient, an inverted residual's expansion (a 1x1 convolution and
-    its ReLU) and the depthwise convolution after it (and its ReLU) run together, a slice
-    of channels at a time: the expanded map, a mobile network's largest tensor, then never
-    exists whole; only a slice of it does, beside the depthwise convolution's output. Each
-    channel goes through the same operations as when the layers run one by one: the same
-    numbers, bit for bit (tested). Layers with hooks of their own always run one by one.
+    the sequence needs a gradient, the layers of an inverted residual run together, so
+    that its largest maps never exist whole:
+
+    * an expansion (a 1x1 convolution and its ReLU) and the depthwise convolution after it
+      (and its ReLU), a slice of expanded channels at a time: only a slice of the expanded
+      map exists, beside the depthwise convolution's output;
+    * a depthwise convolution (stride 1), its ReLU and the 1x1 projection after it, a band
+      of rows at a time: only a band of the depthwise convolution's output exists.
+
+    Each output goes through the same operations as when the layers run one by one: the
+    same numbers, bit for bit (tested). Layers with hooks of their own run one by one.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = list(self._modules.values())
         i = 0
         while i < len(layers):
-            # the four layers side by side (EfficientNet-Lite), or as two pairs
-            # (torchvision's MobileNetV2: a convolution and its activation in a sequence)
-            pairs = [_as_pair(m) for m in layers[i : i + 2]]
-            for span, run in ((4, layers[i : i + 4]), (2, [m for p in pairs for m in p])):
-                y = _expand_depthwise(run, x)
-                if y is not None:
-                    x, i = y, i + span
-                    break
-            else:
-                x, i = layers[i](x), i + 1
+            y, taken = _fused(layers, i, x)
+            if y is None:
+                y, taken = layers[i](x), 1
+            x, i = y, i + taken
         return x
+
+
+def _fused(layers: list[nn.Module], i: int, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """The output of the layers from ``layers[i]`` on run together, and how many entries
+    they took; (None, 0) when no run of them may."""
+    for fuse, width in ((_expand_depthwise, 4), (_depthwise_project, 3)):
+        for run, taken in _runs(layers, i, width):
+            y = fuse(run, x)
+            if y is not None:
+                return y, taken
+    return None, 0
+
+
+def _runs(layers: list[nn.Module], i: int, width: int) -> list[tuple[list[nn.Module], int]]:
+    """The next ``width`` layers from ``layers[i]`` on, and how many entries they take:
+    side by side (EfficientNet-Lite), or with a convolution and its activation in a
+    sequence of their own (torchvision's MobileNetV2) unpacked."""
+    runs = [(layers[i : i + width], width)] if i + width <= len(layers) else []
+    flat, j = [], i
+    while len(flat) < width and j < len(layers):
+        flat += _as_pair(layers[j]) or [layers[j]]
+        j += 1
+    if len(flat) == width and j - i < width:
+        runs.append((flat, j - i))
+    return runs
 
 
 def _as_pair(m: nn.Module) -> list[nn.Module]:
@@ -706,28 +771,91 @@ def _as_pair(m: nn.Module) -> list[nn.Module]:
     return []
 
 
+def _fusable(layers: list[nn.Module], x: torch.Tensor) -> bool:
+    """Whether ``layers`` may run fused on ``x``: slicing on, no gradient, no hooks, the
+    plain lean layers themselves."""
+    return (
+        SLICE_BYTES is not None
+        and not x.requires_grad
+        and x.dim() == 4
+        and all(type(m) in (LeanConv2d, LeanReLU, LeanReLU6) for m in layers)
+        and not any(isinstance(m, LeanConv2d) and m.bias.requires_grad for m in layers)
+        and not any(_hooked(m) for m in layers)
+        and not torch.nn.modules.module._global_forward_hooks
+        and not torch.nn.modules.module._global_forward_pre_hooks
+    )
+
+
+def _is_pointwise(conv: nn.Module, channels: int) -> bool:
+    """A 1x1 ungrouped convolution of stride 1 and no padding, taking ``channels``."""
+    return (
+        type(conv) is LeanConv2d
+        and conv.groups == 1
+        and tuple(conv.weight.shape[1:]) == (channels, 1, 1)
+        and tuple(conv.stride) == (1, 1)
+        and tuple(conv.padding) == (0, 0)
+    )
+
+
+def _depthwise_project(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor | None:
+    """``layers`` (depthwise convolution of stride 1, ReLU, 1x1 convolution) run on ``x``
+    a band of output rows at a time (see :class:`LeanSequential`); None when they are not
+    such layers, may not run fused, or ``x`` is small enough to run whole."""
+    if len(layers) != 3 or not _fusable(layers, x):
+        return None
+    dw, act, project = layers
+    n, c, h, w = x.shape
+    if not (
+        type(act) is not LeanConv2d
+        and type(dw) is LeanConv2d
+        and _is_depthwise(c, dw.weight, dw.groups)
+        and tuple(dw.stride) == (1, 1)
+        and tuple(dw.dilation) == (1, 1)
+        and _is_pointwise(project, c)
+        and x.numel() * x.element_size() > SLICE_BYTES
+    ):
+        return None
+    kh, kw = dw.weight.shape[2:]
+    padding = tuple(dw.padding)
+    if dw.same_pad:
+        padding, shift = same_conv_padding((h, w), (kh, kw), (1, 1))
+        if shift != (0, 0):
+            return None
+    oh, ow = h + 2 * padding[0] - kh + 1, w + 2 * padding[1] - kw + 1
+    rows = max(1, SLICE_BYTES // 4 // (n * c * ow * x.element_size()))
+    if rows >= oh:
+        return None
+    out = None
+    for r0 in range(0, oh, rows):
+        r1 = min(oh, r0 + rows)
+        top, bottom = r0 - padding[0], r1 - 1 - padding[0] + kh  # input rows, padding incl.
+        band = x[:, :, max(top, 0) : min(bottom, h)]
+        if top < 0 or bottom > h:
+            band = F.pad(band, (0, 0, max(0, -top), max(0, bottom - h)))
+        part = sliced_conv2d(
+            band, dw.weight, dw.weight_scale, dw.bias, (1, 1), (0, padding[1]), (1, 1), c
+        )
+        part = project(act(part))
+        if out is None:
+            out = part.new_empty((n, part.shape[1], oh, ow))
+        out[:, :, r0:r1] = part
+        del band, part
+    return out
+
+
 def _expand_depthwise(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor | None:
     """``layers`` (1x1 convolution, ReLU, depthwise convolution, ReLU) run on ``x`` a slice
     of expanded channels at a time (see :class:`LeanSequential`); None when they are not
     such layers, a gradient is needed, or the expanded map is small enough to run whole."""
-    if SLICE_BYTES is None or x.requires_grad or len(layers) != 4 or x.dim() != 4:
+    if len(layers) != 4 or not _fusable(layers, x):
         return None
     expand, act, dw, act2 = layers
     if not (
-        type(expand) is LeanConv2d
+        _is_pointwise(expand, x.shape[1])
         and type(dw) is LeanConv2d
-        and type(act) in (LeanReLU, LeanReLU6)
-        and type(act2) in (LeanReLU, LeanReLU6)
-        and expand.groups == 1
-        and tuple(expand.weight.shape[2:]) == (1, 1)
-        and tuple(expand.stride) == (1, 1)
-        and tuple(expand.padding) == (0, 0)
-        and expand.in_channels == x.shape[1]
+        and type(act) is not LeanConv2d
+        and type(act2) is not LeanConv2d
         and _is_depthwise(expand.out_channels, dw.weight, dw.groups)
-        and not (expand.bias.requires_grad or dw.bias.requires_grad)
-        and not any(_hooked(m) for m in layers)
-        and not (torch.nn.modules.module._global_forward_hooks)
-        and not (torch.nn.modules.module._global_forward_pre_hooks)
     ):
         return None
     channels = expand.out_channels
