@@ -9,7 +9,8 @@ A loss that is not finite stops training; the last good checkpoint stays on disk
 What a run holds at once is bounded, whatever the size of the domain:
 
 ==================  ==================================================================
-images              one batch of uint8 images, read from the cache file (``images[idx]``)
+images              one batch of uint8 images, read from the cache file (``images[idx]``);
+                    in micro-batches, one micro-batch's, read when it runs
 step                one micro-batch's forward and backward (``micro_batch``; default the
                     whole batch): gradients accumulate over the micro-batches of a batch
 evaluation          batches of ``eval_batch_size`` (default: the micro-batch, else the
@@ -488,12 +489,16 @@ def fit(
         for step in bar:
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             y = train_labels[idx].to(device)
-            images = train_images[idx]  # this batch only, read from disk if it is there
             if train_cache is None:
-                shifts = draw_shifts(len(idx), images.shape[2], g) if config.augment else None
+                side = train_images.shape[2]
+                shifts = draw_shifts(len(idx), side, g) if config.augment else None
+                # In micro-batches, each micro-batch's images are read when it runs (from
+                # disk if they are there); otherwise this batch's, once.
+                whole = train_images[idx] if not 0 < config.micro_batch < len(idx) else None
 
-                def inputs(part: slice, images=images, shifts=shifts) -> torch.Tensor:
-                    x = preprocess(images[part].to(device))
+                def inputs(part: slice, idx=idx, whole=whole, shifts=shifts) -> torch.Tensor:
+                    images = whole[part] if whole is not None else train_images[idx[part]]
+                    x = preprocess(images.to(device))
                     if shifts is None:
                         return x
                     return shift_images(x, shifts[0][part], shifts[1][part])
@@ -504,7 +509,7 @@ def fit(
             else:
                 taps = train_cache.get(
                     idx,
-                    lambda images=images: model.features.taps(preprocess(images.to(device))),
+                    lambda idx=idx: model.features.taps(preprocess(train_images[idx].to(device))),
                 )
                 loss, logits = train_step(
                     model,

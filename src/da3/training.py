@@ -576,7 +576,8 @@ def _fit_and_save(
             p.grad for p in domain.model.trainable_parameters() if p.grad is not None
         ),
         "optimizer_bytes": result.optimizer_bytes,
-        "data_held_bytes": data.bytes_in_memory() + tc.batch_size * data.image_bytes,
+        # the images of one batch, or of one micro-batch (read when it runs)
+        "data_held_bytes": data.bytes_in_memory() + tc.step_batch * data.image_bytes,
         "micro_batch": tc.step_batch,
         "batch_size": tc.batch_size,
     }
