@@ -416,8 +416,9 @@ sys.exit(main(sys.argv[1:]))
 )
 def test_da3_train_frees_mkl_workspaces(tmp_path):
     """MKL keeps each thread's GEMM workspace for its next call unless MKL_DISABLE_FAST_MM
-    is set when torch loads: `da3 train` sets it before it first imports torch, and a
-    convolution on PyTorch's own kernels then leaves nothing mapped behind."""
+    is set when torch loads: `da3 train` sets it before it first imports torch when the run
+    puts memory first (micro-batches, a budget: from flags, a settings file or key=value),
+    and a convolution on PyTorch's own kernels then leaves nothing mapped behind."""
     env = {k: v for k, v in os.environ.items() if k != "MKL_DISABLE_FAST_MM"}
     left = {}
     for how in ("kept", "freed"):
@@ -427,14 +428,24 @@ def test_da3_train_frees_mkl_workspaces(tmp_path):
     assert left["kept"] >= 2**20, left  # ~3 MiB per thread at this size
     assert left["freed"] < 2**18, left
     argv = ["train", "--domain", "d", "--data", str(tmp_path / "missing"), "--quiet"]
-    out = subprocess.run(
-        [sys.executable, "-c", TORCH_IMPORT_SCRIPT, *argv, "--store", str(tmp_path / "s")],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode != 0 and "missing" in out.stderr  # the run itself fails, later
-    assert out.stdout.splitlines()[0] == "MKL_DISABLE_FAST_MM 1"
+    argv += ["--store", str(tmp_path / "s"), "--batch-size", "8"]
+    (tmp_path / "budget.yaml").write_text("memory_budget: 60MiB\n")
+    for extra, freed in [
+        ([], False),  # a whole batch's run keeps them (they cost time: memory_mkl.md)
+        (["--micro-batch", "1"], True),
+        (["micro_batch=2"], True),
+        (["--micro-batch", "8"], False),  # the whole batch
+        (["--config", str(tmp_path / "budget.yaml")], True),
+    ]:
+        out = subprocess.run(
+            [sys.executable, "-c", TORCH_IMPORT_SCRIPT, *argv, *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode != 0 and "missing" in out.stderr  # the run fails, later
+        seen = out.stdout.splitlines()[0]
+        assert seen == ("MKL_DISABLE_FAST_MM 1" if freed else "MKL_DISABLE_FAST_MM None"), extra
 
 
 # ---------------------------------------------------------------------------------------

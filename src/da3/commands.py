@@ -339,17 +339,42 @@ def check_device(device: str) -> str:
 
 
 def no_blas_buffers() -> None:
-    """Have MKL (torch's BLAS on x86) free its GEMM workspaces after each call instead of
-    keeping them for the next one (``MKL_DISABLE_FAST_MM``, unless the environment sets it
-    already). MKL reads this when torch is loaded: it must be set before torch is first
-    imported, as ``da3 train`` does. What it saves: each thread's workspace of PyTorch's
-    own convolution kernels (a run in micro-batches; see
-    ``benchmarks/results/memory_mkl.md``)."""
+    """Have MKL (torch's BLAS on x86) free its matrix-product workspaces after each call
+    instead of keeping them for the next one (``MKL_DISABLE_FAST_MM``, unless the
+    environment sets it already). MKL reads this when torch is loaded: it must be set
+    before torch is first imported, as ``da3 train`` does for a run that puts memory first.
+    It saves each thread's workspace, what PyTorch's own convolution kernels leave, and
+    costs time: ``benchmarks/results/memory_mkl.md``."""
     os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
 
 
+def memory_first_requested(args) -> bool:
+    """Whether a ``da3 train`` run puts memory first (micro-batches smaller than the
+    batch, or a memory budget), from its flags, settings file and ``key=value`` settings as
+    given, before torch is imported (:attr:`~da3.training.TrainSettings.memory_first` is
+    the run's own answer, once its settings are checked; a faulty value reads as no here
+    and is reported there)."""
+    values: dict = {}
+    try:
+        if getattr(args, "config", None) is not None:
+            values.update(_read_yaml(args.config))
+        for key in ("batch_size", "micro_batch", "memory_budget"):
+            if getattr(args, key, None) is not None:
+                values[key] = getattr(args, key)
+        for item in getattr(args, "overrides", None) or []:
+            key, _, value = item.partition("=")
+            values[key.strip().replace("-", "_")] = value.strip()
+        budget = str(values.get("memory_budget") or "0").strip()
+        micro = int(values.get("micro_batch") or 0)
+        batch = int(values.get("batch_size") or 32)  # TrainSettings' default
+    except (Da3Error, TypeError, ValueError):
+        return False
+    return budget not in ("0", "") or 0 < micro < batch
+
+
 def run_train(args) -> int:
-    no_blas_buffers()  # before torch is imported (below)
+    if memory_first_requested(args):
+        no_blas_buffers()  # before torch is imported (below)
     from da3.memory import MEMORY_FIRST_MMAP_THRESHOLD, lean_allocator
     from da3.store import DomainStore
     from da3.training import describe_memory, train_domain

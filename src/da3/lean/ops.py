@@ -382,11 +382,11 @@ def _conv_in_bands(x, w, bias, stride, padding, dilation) -> torch.Tensor:
     """An ungrouped ``F.conv2d``, run a band of output rows at a time while convolutions
     are sliced on PyTorch's own CPU kernels (:func:`native_kernels`). Those unfold the
     input (for a kernel larger than 1x1) and hand it to MKL's matrix product, which copies
-    it again into a workspace of its own for each thread: at one 224 px image, the largest
-    transient of a step (about 3.5 MiB for the 144-channel 56 x 56 input of
-    EfficientNet-Lite0's third block's last convolution, on two threads). A band's copies
-    are about a quarter of :data:`SLICE_BYTES` each. Each output is the same sum: the same
-    numbers, bit for bit (tested)."""
+    it again into a workspace of its own for each thread, each as large as the unfolded
+    input: at one 224 px image, the largest transients of a step (a mobile network's
+    projections at 112 x 112 and 56 x 56). A band's copies are about a quarter of
+    :data:`SLICE_BYTES` each. Each output is the same sum: the same numbers, bit for bit
+    (tested)."""
     n, cin, h, width = x.shape
     kh, kw = w.shape[2:]
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
@@ -772,12 +772,14 @@ def _as_pair(m: nn.Module) -> list[nn.Module]:
 
 
 def _fusable(layers: list[nn.Module], x: torch.Tensor) -> bool:
-    """Whether ``layers`` may run fused on ``x``: slicing on, no gradient, no hooks, the
-    plain lean layers themselves."""
+    """Whether ``layers`` may run fused on ``x``: slicing on, no gradient, no hooks, not
+    traced, the plain lean layers themselves."""
     return (
         SLICE_BYTES is not None
         and not x.requires_grad
         and x.dim() == 4
+        and not torch.jit.is_tracing()  # a graph for export: the layers themselves
+        and not torch.compiler.is_compiling()
         and all(type(m) in (LeanConv2d, LeanReLU, LeanReLU6) for m in layers)
         and not any(isinstance(m, LeanConv2d) and m.bias.requires_grad for m in layers)
         and not any(_hooked(m) for m in layers)
