@@ -319,6 +319,38 @@ def test_a_legacy_weights_file_is_read_a_tensor_at_a_time_and_runs_no_code(tmp_p
     assert not marker.exists()
 
 
+def test_a_legacy_tensor_larger_than_its_storage_is_not_read_past_it(tmp_path):
+    """A legacy .pth whose tensor claims more elements than its storage holds is not read
+    into the bytes after it: the file is refused with a one-line error."""
+    import collections
+    import pickle
+    import struct
+
+    from da3.backbones.lazy import _legacy_index, file_reader
+
+    storage = object()
+
+    class Tensor:
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2, (storage, 0, (100,), (1,), False, {}))
+
+    class Saver(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "k0", "cpu", 4) if obj is storage else None
+
+    path = tmp_path / "short.pth"
+    with open(path, "wb") as f:
+        for part in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
+            pickle.dump(part, f)
+        Saver(f).dump(collections.OrderedDict(w=Tensor()))
+        pickle.dump(["k0"], f)
+        f.write(struct.pack("<q", 4) + bytes(16) + bytes(400))  # 4 floats, then other bytes
+    assert _legacy_index(path) is None
+    with pytest.raises(Da3Error, match=r"short.pth: ") as err:
+        file_reader(path, {"w": ((100,), torch.float32)})
+    assert "\n" not in str(err.value)
+
+
 def test_a_weights_file_cut_while_a_lazy_backbone_reads_it_is_a_one_line_error(tmp_path):
     from safetensors.torch import save_file
     from torchvision.models import resnet18

@@ -220,13 +220,18 @@ def _legacy_index(path: Path) -> dict[str, tuple[int, _LegacyTensor]] | None:
                 isinstance(k, str) and isinstance(v, _LegacyTensor) for k, v in state.items()
             ):
                 return None
-            starts = {}
+            starts, counts = {}, {}
             for key in keys:
-                (count,) = struct.unpack("<q", f.read(8))
+                (counts[key],) = struct.unpack("<q", f.read(8))
                 starts[key] = f.tell()
-                f.seek(count * main.storages[key].itemsize, 1)
+                f.seek(counts[key] * main.storages[key].itemsize, 1)
             if f.tell() > path.stat().st_size:
                 return None
+            for t in state.values():  # each tensor within its own storage
+                if min(t.size, default=1) < 0 or min(t.stride, default=0) < 0 or t.offset < 0:
+                    return None
+                if t.offset + _span(t) > counts[t.key]:
+                    return None
             return {name: (starts[t.key], t) for name, t in state.items()}
     except (
         pickle.UnpicklingError,
@@ -243,10 +248,17 @@ def _legacy_index(path: Path) -> dict[str, tuple[int, _LegacyTensor]] | None:
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization's MAGIC_NUMBER
 
 
+def _span(t: _LegacyTensor) -> int:
+    """Elements of its storage a tensor covers, from its first to its last."""
+    if not all(t.size):
+        return 0
+    return 1 + sum((n - 1) * s for n, s in zip(t.size, t.stride, strict=True))
+
+
 def _read_legacy(f, start: int, t: _LegacyTensor) -> torch.Tensor:
     """One tensor of a legacy ``.pth`` (``f`` open on it): the span of its storage it covers,
     read into a new tensor, with its shape and strides."""
-    span = 1 + sum((n - 1) * s for n, s in zip(t.size, t.stride, strict=True)) if all(t.size) else 0
+    span = _span(t)
     data = torch.empty(span, dtype=t.dtype)
     view = memoryview(data.view(torch.uint8).numpy()) if span else memoryview(bytearray())
     f.seek(start + t.offset * t.dtype.itemsize)
