@@ -405,14 +405,22 @@ def _conv_in_bands(x, w, bias, stride, padding, dilation) -> torch.Tensor:
     out = x.new_empty((n, w.shape[0], oh, ow))
     for r0 in range(0, oh, rows):
         r1 = min(oh, r0 + rows)
-        top = r0 * stride[0] - padding[0]  # the input rows the band reads, padding included
-        bottom = (r1 - 1) * stride[0] - padding[0] + dilation[0] * (kh - 1) + 1
-        band = x[:, :, max(top, 0) : min(bottom, h)]
-        if top < 0 or bottom > h:
-            band = F.pad(band, (0, 0, max(0, -top), max(0, bottom - h)))
+        band = _input_rows(x, r0, r1, stride[0], padding[0], dilation[0] * (kh - 1) + 1)
         out[:, :, r0:r1] = F.conv2d(band, w, bias, stride, (0, padding[1]), dilation)
         del band
     return out
+
+
+def _input_rows(x: torch.Tensor, r0: int, r1: int, stride: int, pad: int, extent: int):
+    """The rows of ``x`` that output rows ``[r0, r1)`` of a convolution read (``extent``:
+    its kernel's height, dilation included), zero rows standing for the padding above and
+    below: the band to convolve with no row padding of its own."""
+    top = r0 * stride - pad
+    bottom = (r1 - 1) * stride - pad + extent
+    band = x[:, :, max(top, 0) : min(bottom, x.shape[2])]
+    if top < 0 or bottom > x.shape[2]:
+        band = F.pad(band, (0, 0, max(0, -top), max(0, bottom - x.shape[2])))
+    return band
 
 
 def sliced_conv2d_input_grad(
@@ -830,10 +838,7 @@ def _depthwise_project(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor
     out = None
     for r0 in range(0, oh, rows):
         r1 = min(oh, r0 + rows)
-        top, bottom = r0 - padding[0], r1 - 1 - padding[0] + kh  # input rows, padding incl.
-        band = x[:, :, max(top, 0) : min(bottom, h)]
-        if top < 0 or bottom > h:
-            band = F.pad(band, (0, 0, max(0, -top), max(0, bottom - h)))
+        band = _input_rows(x, r0, r1, 1, padding[0], kh)
         part = sliced_conv2d(
             band, dw.weight, dw.weight_scale, dw.bias, (1, 1), (0, padding[1]), (1, 1), c
         )
