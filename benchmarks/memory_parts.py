@@ -21,6 +21,9 @@ and reads its own memory between the steps a run takes:
   slices of channels, ``da3.lean.ops.sliced_convolutions``), and what that costs in time is
   read last (steps as a whole batch's run takes them, oneDNN and whole convolutions, and as
   a micro-batch run does, interleaved);
+* the run's environment is a memory-first run's (MKL's matrix-product workspaces freed
+  after each call, ``da3.commands.no_blas_buffers``), and each micro-batch's images are
+  turned into its input when it runs (a run reads them from the cache file then);
 * the training-curves plot (`da3.plots.plot_curves`: Pillow, imported here, and drawing).
 
 Linux only. Writes benchmarks/results/memory_parts.{json,md}.
@@ -64,6 +67,17 @@ def smaps_by_kind() -> dict[str, int]:
     return kinds
 
 
+def memory_first_env() -> dict[str, str]:
+    """The environment a memory-first `da3 train` gives itself before torch loads
+    (``da3.commands.no_blas_buffers``: MKL frees its workspaces after each call)."""
+    import os
+
+    from da3.commands import no_blas_buffers
+
+    no_blas_buffers()
+    return dict(os.environ)
+
+
 def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (this process only)
 
@@ -103,7 +117,10 @@ def one(backbone: str, bits: int) -> dict:
     optimizer = make_optimizer(net, domain.config)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (8, 3, 224, 224), dtype=torch.uint8, generator=g)
-    x, y = model.preprocess(images), torch.arange(8) % 15
+    y = torch.arange(8) % 15
+
+    def x(part: slice, model=model, images=images) -> torch.Tensor:
+        return model.preprocess(images[part])  # as a run reads each micro-batch's images
 
     def step(net=net, optimizer=optimizer, x=x) -> None:
         with sliced_convolutions():  # as da3 train runs micro-batches
@@ -153,7 +170,7 @@ def one(backbone: str, bits: int) -> dict:
     out["step_seconds"] = {k: sorted(v)[1] for k, v in times.items()}
     trainable = [p for p in net.parameters() if p.requires_grad]
     out["trainable_bytes"] = sum(p.numel() * p.element_size() for p in trainable)
-    del net, domain, model, optimizer, x
+    del net, domain, model, optimizer, x, step
     release_memory()
     import tempfile
 
@@ -180,7 +197,8 @@ def markdown(info: dict, rows: list[dict]) -> str:
         "One fresh process per backbone: da3 (micro-batch 1 of a batch of 8, 224 px, AdamW), "
         "frozen weights in {bits} bits, built a layer at a time; run as `da3 train "
         "--micro-batch 1` runs (blocks of 32 KiB and more mapped alone, PyTorch's own CPU "
-        'kernels, not oneDNN\'s). MiB; "above" = above the resident size just before the '
+        "kernels, not oneDNN's, MKL's workspaces freed after each call, each micro-batch's "
+        'input made when it runs). MiB; "above" = above the resident size just before the '
         "step.\n\n".format(bits=rows[0]["frozen_bits"])
     )
     out += (
@@ -201,7 +219,8 @@ def markdown(info: dict, rows: list[dict]) -> str:
         )
     out += (
         "\nA later step's time (median of 3, interleaved), as a whole batch's run takes it "
-        "(oneDNN, whole convolutions) / as a micro-batch run does (PyTorch's kernels, sliced): "
+        "(oneDNN, whole convolutions) / as a micro-batch run does (PyTorch's kernels, sliced), "
+        "both with MKL's workspaces freed: "
     ) + (
         ", ".join(
             f"{r['backbone']} {r['step_seconds']['whole']:.2f} s / "
@@ -239,6 +258,7 @@ def main() -> None:
             capture_output=True,
             text=True,
             check=True,
+            env=memory_first_env(),
         )
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
