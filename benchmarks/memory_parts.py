@@ -24,6 +24,8 @@ and reads its own memory between the steps a run takes:
 * the run's environment is a memory-first run's (MKL's matrix-product workspaces freed
   after each call, ``da3.commands.no_blas_buffers``), and each micro-batch's images are
   turned into its input when it runs (a run reads them from the cache file then);
+* da3's modules are compiled to bytecode first, as a pip-installed package has them; what
+  `da3 train` imports is also read in a fresh process that compiles them from source;
 * the training-curves plot (`da3.plots.plot_curves`: Pillow, imported here, and drawing).
 
 Linux only. Writes benchmarks/results/memory_parts.{json,md}.
@@ -36,6 +38,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,6 +85,24 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (this process only)
 
 
+def import_da3() -> None:
+    """What ``da3 train`` imports before it starts."""
+    import da3.commands  # noqa: F401
+    import da3.training  # noqa: F401
+    from da3.backbones import create_backbone  # noqa: F401
+    from da3.domains import MultiDomainModel  # noqa: F401
+    from da3.train import train_step  # noqa: F401
+
+
+def imports_only() -> dict:
+    """The resident size after `import torch` and after da3's imports, in this process."""
+    import torch  # noqa: F401
+
+    floor = status("VmRSS")
+    import_da3()
+    return {"imports_above_floor": status("VmRSS") - floor}
+
+
 def one(backbone: str, bits: int) -> dict:
     """The measurements, in this (fresh) process."""
     out: dict = {"backbone": backbone, "frozen_bits": bits}
@@ -93,8 +114,7 @@ def one(backbone: str, bits: int) -> dict:
     from da3.memory import MEMORY_FIRST_MMAP_THRESHOLD, lean_allocator, release_memory
 
     lean_allocator(MEMORY_FIRST_MMAP_THRESHOLD)  # as da3 train --micro-batch does
-    import da3.commands  # noqa: F401 - what da3 train imports before it starts
-    import da3.training  # noqa: F401
+    import_da3()
     from da3.backbones import create_backbone
     from da3.domains import MultiDomainModel
     from da3.lean.ops import native_kernels, sliced_convolutions
@@ -172,8 +192,6 @@ def one(backbone: str, bits: int) -> dict:
     out["trainable_bytes"] = sum(p.numel() * p.element_size() for p in trainable)
     del net, domain, model, optimizer, x, step
     release_memory()
-    import tempfile
-
     from da3.plots import plot_curves
 
     history = [
@@ -189,7 +207,7 @@ def one(backbone: str, bits: int) -> dict:
     return out
 
 
-def markdown(info: dict, rows: list[dict]) -> str:
+def markdown(info: dict, rows: list[dict], imports: dict) -> str:
     from da3.bench.common import header
 
     out = header(info, "What a lean training process holds, part by part")
@@ -231,6 +249,14 @@ def markdown(info: dict, rows: list[dict]) -> str:
         + ".\n"
     )
     out += (
+        f"\nda3's modules: {info['bytecode']} before the runs, as a pip-installed package has "
+        "them. What `da3 train` imports, in a fresh process, above `import torch`: "
+        f"{imports['compiled'] / MiB:.1f} MiB from compiled bytecode, "
+        f"{imports['source'] / MiB:.1f} MiB compiled from source at the start (no bytecode "
+        "folder, or `PYTHONDONTWRITEBYTECODE` with none written yet: the compiler's freed "
+        "memory stays resident).\n"
+    )
+    out += (
         "\nTrainable tensors (DA3's adaptors and head): "
         + ", ".join(f"{r['backbone']} {r['trainable_bytes'] / MiB:.1f} MiB" for r in rows)
         + " (gradients as much again, AdamW's moments twice).\n"
@@ -243,14 +269,38 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=8, choices=(32, 16, 8))
     p.add_argument("--backbones", default="efficientnet_lite0,resnet50")
     p.add_argument("--one", help=argparse.SUPPRESS)  # the child: one backbone, JSON out
+    p.add_argument("--imports-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.imports_only:
+        print(json.dumps(imports_only()))
+        return
     if args.one:
         print(json.dumps(one(args.one, args.bits)))
         return
     from da3.bench.common import run_info, save
+    from da3.bench.process_memory import compile_bytecode
 
     info = run_info("cpu")
     t0 = time.perf_counter()
+    # da3's modules as an installed package has them (compiled), and what compiling them
+    # from source at each start holds (an empty bytecode folder, none written)
+    info["bytecode"] = "compiled" if compile_bytecode() else "compiled by each run"
+    with tempfile.TemporaryDirectory() as empty:
+        source = {"PYTHONPYCACHEPREFIX": empty, "PYTHONDONTWRITEBYTECODE": "1"}
+        imports = {
+            kind: json.loads(
+                subprocess.run(
+                    [sys.executable, __file__, "--imports-only"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    env={**memory_first_env(), **extra},
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )["imports_above_floor"]
+            for kind, extra in (("compiled", {}), ("source", source))
+        }
     rows = []
     for backbone in args.backbones.split(","):
         done = subprocess.run(
@@ -263,7 +313,8 @@ def main() -> None:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     info["stage_seconds"] = {"memory_parts": round(time.perf_counter() - t0, 1)}
-    save(RESULTS, "memory_parts", {"info": info, "rows": rows}, markdown(info, rows))
+    result = {"info": info, "imports": imports, "rows": rows}
+    save(RESULTS, "memory_parts", result, markdown(info, rows, imports))
 
 
 if __name__ == "__main__":

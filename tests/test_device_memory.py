@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -626,6 +627,24 @@ def test_a_measured_process_does_not_inherit_the_peak_of_the_one_that_starts_it(
     del ballast
 
 
+def test_measured_runs_load_da3_from_bytecode():
+    """The memory stage compiles da3's modules first: a run that may not write bytecode
+    (``PYTHONDONTWRITEBYTECODE``) still loads every module it imports compiled, as from an
+    installed package, rather than compiling each from source at its start."""
+    from da3.bench.process_memory import compile_bytecode
+
+    assert compile_bytecode()
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    code = "import da3.commands, da3.training, da3.train, da3.domains"
+    log = subprocess.run(
+        [sys.executable, "-v", "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stderr
+    loaded = re.findall(r"^# code object from '?(\S+?)'?$", log, re.M)
+    ours = [p for p in loaded if "da3" in Path(p).parts]
+    assert len(ours) > 20  # every da3 module those import
+    assert all(p.endswith(".pyc") for p in ours), [p for p in ours if not p.endswith(".pyc")]
+
+
 def test_memory_results_of_two_sittings_merge_side_by_side():
     from da3.bench.process_memory import markdown_table, merge_results
 
@@ -651,6 +670,7 @@ def test_memory_results_of_two_sittings_merge_side_by_side():
     assert [r["backbone"] for r in merged["rows"]] == ["efficientnet_lite0"] * 2 + ["resnet50"] * 2
     assert set(merged["floors"]) == {"torch", "torch+torchvision"}
     assert merged["info"]["stage_seconds"]["memory"] == 20.0
+    assert "bytecode" not in a and merged["bytecode"] == "not recorded"
     table = markdown_table(merged)
     assert "**efficientnet_lite0**" in table and "**resnet50**" in table and "10.0x" in table
     b["spec"]["image_size"] = 96

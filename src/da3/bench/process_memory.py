@@ -216,6 +216,21 @@ def above_floor(run: dict, floor: dict, backbone: str, weights: str) -> dict:
     }
 
 
+def compile_bytecode() -> bool:
+    """Compile da3's modules into ``__pycache__``, as pip does when it installs a wheel, so
+    each measured run loads them as an installed da3 does. Without it, an environment that
+    sets ``PYTHONDONTWRITEBYTECODE`` (or a read-only source tree) has every run compile
+    da3's source at its start, and the compiler's freed memory stays resident: a part of
+    the peak an installed package never holds (``benchmarks/memory_parts.py`` measures
+    it). Returns whether every module compiled
+    (False where the package folder is read-only: then the runs compile as they import)."""
+    import compileall
+
+    import da3
+
+    return bool(compileall.compile_dir(Path(da3.__file__).parent, quiet=2))
+
+
 def run_process_memory(
     methods: list[str],
     spec: dict = SPEC,
@@ -240,6 +255,7 @@ def run_process_memory(
         ],
         env,
     )
+    compiled = compile_bytecode()
     floors = {
         "torch": measure_floor("torch"),
         "torch+torchvision": measure_floor("torch, torchvision"),
@@ -266,6 +282,7 @@ def run_process_memory(
     return {
         "spec": {**spec, "methods": methods},
         "folder": f"{len(classes)} class folders, {images} PNG files",
+        "bytecode": "compiled" if compiled else "compiled by each run",
         "floors": floors,
         "rows": rows,
     }
@@ -297,9 +314,18 @@ def merge_results(parts: list[dict]) -> dict:
         "info": info,
         "spec": spec,
         "folder": parts[0]["folder"],
+        "bytecode": " / ".join(dict.fromkeys(p.get("bytecode", "not recorded") for p in parts)),
         "floors": floors,
         "rows": [r for p in parts for r in p["rows"]],
     }
+
+
+_BYTECODE = {
+    "compiled": "da3's modules were compiled to bytecode before the runs, as a pip-installed "
+    "package has them (`compile_bytecode`).",
+    "compiled by each run": "da3's modules were compiled from source by each run (the package "
+    "folder was read-only), which holds more than an installed package does.",
+}
 
 
 def _ratio(a: float, b: float) -> str:
@@ -310,6 +336,8 @@ def markdown_table(result: dict) -> str:
     """Per backbone: each run's peak above the floor, both ways, and the ratios to
     fine-tuning at batch 8 and at micro-batch 1."""
     lines = []
+    if "bytecode" in result:
+        lines += [_BYTECODE.get(result["bytecode"], f"da3's modules: {result['bytecode']}."), ""]
     for backbone, _ in result["spec"]["backbones"]:
         rows = [r for r in result["rows"] if r["backbone"] == backbone]
         if not rows:
