@@ -27,7 +27,7 @@ from da3.data.cache import CachedImages
 from da3.domains import MultiDomainModel
 from da3.errors import Da3Error
 from da3.methods import FrozenBackbone, build_model, make_config
-from da3.optim import AdamW, LambdaSchedule
+from da3.optim import SGD, AdamW, LambdaSchedule
 from da3.train import micro_batch_coupling, train_step
 from da3.training import MemoryPlan, TrainSettings, fit_budget, parse_bytes
 
@@ -500,6 +500,122 @@ def test_adamw_state_round_trip():
     copy(torch.ones(1, 3)).sum().backward()
     opt.step(), again.step()
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), copy.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.01])
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_sgd_is_torchs_and_holds_one_buffer(decay, momentum):
+    """SGD with momentum takes torch.optim.SGD's steps (to float rounding: each step's
+    gradient is summed into the scaled buffer; two micro-batches' gradients add there too),
+    with the same state; between steps a weight holds its buffer and no gradient, during
+    the backward passes the buffer is the gradient autograd adds into: one tensor per
+    weight. With momentum 0, plain gradients and no state."""
+    import math
+
+    def run(kind, micro):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+        groups = [{"params": list(net[0].parameters())}, {"params": list(net[2].parameters())}]
+        groups[1]["lr"] = 0.03
+        factors = [lambda s: 0.5 * (1 + math.cos(math.pi * min(s, 20) / 20)), lambda s: s > 2]
+        opts = {"lr": 0.05, "momentum": momentum, "weight_decay": decay}
+        opt = torch.optim.SGD(groups, **opts) if kind == "torch" else SGD(groups, **opts)
+        sched = (
+            torch.optim.lr_scheduler.LambdaLR(opt, factors)
+            if kind == "torch"
+            else LambdaSchedule(opt, factors)
+        )
+        g = torch.Generator().manual_seed(1)
+        held = []
+        for _ in range(25):
+            x = torch.randn(4, 5, generator=g)
+            opt.zero_grad(set_to_none=True)
+            for part in (x[:2], x[2:]) if micro else (x,):
+                net(part).pow(2).sum().backward()
+            if kind == "da3" and momentum:
+                state = [opt.state.get(p, {}).get("momentum_buffer") for p in net.parameters()]
+                pairs = zip(net.parameters(), state, strict=True)
+                held.append(all(b is None or p.grad is b for p, b in pairs))
+            opt.step()
+            sched.step()
+        grads = [p.grad for p in net.parameters()]
+        return [p.detach().clone() for p in net.parameters()], opt.state_dict(), held, grads
+
+    theirs, tsd, _, _ = run("torch", micro=False)
+    for micro in (False, True):
+        ours, osd, held, grads = run("da3", micro)
+        for a, b in zip(theirs, ours, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        for a, b in zip(tsd["param_groups"], osd["param_groups"], strict=True):
+            assert {k: a[k] for k in b} == b  # torch's own options, and no others
+        assert tsd["state"].keys() == osd["state"].keys()
+        for k in tsd["state"]:
+            want = tsd["state"][k]["momentum_buffer"]
+            if momentum:
+                torch.testing.assert_close(osd["state"][k]["momentum_buffer"], want)
+            else:
+                assert want is None
+        if momentum:
+            assert all(held) and all(g is None for g in grads)  # the buffer, and no gradient
+
+
+def test_sgd_state_round_trip_and_a_step_without_zero_grad():
+    net = torch.nn.Linear(3, 2)
+    opt = SGD(net.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        opt.zero_grad()
+        net(torch.ones(1, 3)).sum().backward()
+        opt.step()
+    copy = torch.nn.Linear(3, 2)
+    copy.load_state_dict(net.state_dict())
+    again = SGD(copy.parameters(), lr=0.1, momentum=0.9)
+    again.load_state_dict(opt.state_dict())
+    for o in (opt, again):
+        o.zero_grad()
+        o.zero_grad()  # twice: the buffer is scaled once
+    net(torch.ones(1, 3)).sum().backward()
+    copy(torch.ones(1, 3)).sum().backward()
+    opt.step(), again.step()
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), copy.parameters(), strict=True))
+    # a backward with no zero_grad before it: a gradient of its own, torch's update
+    ref = torch.nn.Linear(3, 2)
+    ref.load_state_dict(net.state_dict())
+    theirs = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for mine, p in zip(net.parameters(), ref.parameters(), strict=True):
+        theirs.state[p]["momentum_buffer"] = opt.state[mine]["momentum_buffer"].clone()
+    for m in (net, ref):
+        m(torch.ones(1, 3)).sum().backward()
+    opt.step(), theirs.step()
+    for a, b in zip(net.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_sgd_halves_the_trainable_state_a_run_plans_and_holds(tmp_path, monkeypatch):
+    """A DA3 domain trained with optimizer=sgd: its plan counts the weights twice (weights
+    and buffers) where AdamW's counts them four times, and the run's record holds one
+    buffer per weight and no gradient."""
+    monkeypatch.setenv("DA3_CACHE_DIR", str(tmp_path / "cache"))
+    from da3.training import plan_memory
+
+    frozen = FrozenBackbone(create_backbone("efficientnet_lite0", None), forms="lean")
+    model = build_model("da3", frozen, 3, make_config("da3", {"optimizer": "sgd"}))
+    weights = sum(p.numel() * 4 for p in model.trainable_parameters())
+    plans = {o: plan_memory(model, frozen, 64, 4, "cpu", o) for o in ("adamw", "sgd")}
+    assert plans["adamw"].trainable_bytes == 4 * weights
+    assert plans["sgd"].trainable_bytes == 2 * weights
+    store = tmp_path / "store"
+    folder = class_folder(tmp_path / "f", 3)
+    args = ["train", "--domain", "d", "--data", str(folder), "--method", "da3"]
+    args += ["--backbone", "efficientnet_lite0", "--weights", "none", "--image-size", "64"]
+    args += ["--batch-size", "4", "--epochs", "1", "--store", str(store), "--quiet"]
+    assert main(args + ["--micro-batch", "2", "optimizer=sgd", "lr=0.03"]) == 0
+    memory = json.loads((store / "runs" / "d" / "history.json").read_text())["memory"]
+    assert memory["gradient_bytes"] == 0
+    assert memory["optimizer_bytes"] == memory["trainable_bytes"] > 0
+    with pytest.raises(Da3Error, match="optimizer='adam'"):
+        make_config("da3", {"optimizer": "adam"})
+    with pytest.raises(Da3Error, match="momentum=1.0"):
+        make_config("da3", {"optimizer": "sgd", "momentum": 1.0})
 
 
 # ---------------------------------------------------------------------------------------

@@ -158,7 +158,8 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 
 def optimizer_state_bytes(optimizer) -> int:
-    """Bytes of the optimizer's state tensors (AdamW: two moments per trainable weight)."""
+    """Bytes of the optimizer's state tensors (AdamW: two moments per trainable weight;
+    SGD with momentum: one buffer)."""
     return tensor_bytes(
         v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)
     )

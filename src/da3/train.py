@@ -42,7 +42,7 @@ from da3.feature_cache import CACHE_DTYPES, FeatureCache
 from da3.io import LazyTensors, read_json, read_tensors, write_json, write_tensors
 from da3.memory import optimizer_state_bytes, process_memory_bytes
 from da3.methods.base import AdaptedModel, GateUsage, MethodConfig
-from da3.optim import AdamW, LambdaSchedule
+from da3.optim import SGD, AdamW, LambdaSchedule
 
 
 @dataclass
@@ -104,14 +104,23 @@ class TrainConfig:
         return self.eval_batch_size or self.step_batch
 
 
-def make_optimizer(model: AdaptedModel, config: MethodConfig) -> AdamW:
-    """AdamW; parameters with a rate of their own (:meth:`AdaptedModel.param_lrs`) in groups
-    of their own, and the head in its own group (the last) when the config gives it its own
-    learning rate or a head-only warm-up, or there are such groups."""
+def make_optimizer(model: AdaptedModel, config: MethodConfig) -> AdamW | SGD:
+    """AdamW, or SGD with momentum (``config.optimizer``); parameters with a rate of their
+    own (:meth:`AdaptedModel.param_lrs`) in groups of their own, and the head in its own
+    group (the last) when the config gives it its own learning rate or a head-only warm-up,
+    or there are such groups."""
+
+    def build(params) -> AdamW | SGD:
+        if config.optimizer == "sgd":
+            return SGD(
+                params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            )
+        return AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
     params = model.trainable_parameters()
     own = [([p for p in ps if p.requires_grad], lr) for ps, lr in model.param_lrs(config)]
     if not own and not config.head_lr and not config.head_warmup and not config.head_warmup_steps:
-        return AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return build(params)
     apart = {id(p) for p in model.head.parameters()} | {id(p) for ps, _ in own for p in ps}
     groups = [
         {"params": [p for p in params if id(p) not in apart]},
@@ -122,7 +131,7 @@ def make_optimizer(model: AdaptedModel, config: MethodConfig) -> AdamW:
         },
     ]
     groups = [g for g in groups if g["params"]]
-    return AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return build(groups)
 
 
 def add_proximal_term(optimizer, mu: float) -> Callable[[], None]:
@@ -161,7 +170,7 @@ def micro_batch_coupling(model: AdaptedModel) -> str | None:
 
 def train_step(
     model: AdaptedModel,
-    optimizer: AdamW,
+    optimizer: AdamW | SGD,
     x: torch.Tensor | Callable[[slice], torch.Tensor] | None,
     y: torch.Tensor,
     *,
@@ -288,7 +297,7 @@ def memory_in_use(device: str) -> int:
 # checkpoints
 
 
-def _optimizer_tensors(optimizer: AdamW) -> tuple[dict, dict]:
+def _optimizer_tensors(optimizer: AdamW | SGD) -> tuple[dict, dict]:
     sd = optimizer.state_dict()
     tensors = {
         f"optimizer.{idx}.{key}": value
@@ -298,7 +307,7 @@ def _optimizer_tensors(optimizer: AdamW) -> tuple[dict, dict]:
     return tensors, {"param_groups": sd["param_groups"]}
 
 
-def _load_optimizer(optimizer: AdamW, tensors: dict, meta: dict) -> None:
+def _load_optimizer(optimizer: AdamW | SGD, tensors: dict, meta: dict) -> None:
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -354,7 +363,7 @@ def head_only_steps(config: MethodConfig, total_steps: int) -> int:
     return max(by_fraction, by_steps)
 
 
-def lr_schedule(optimizer: AdamW, total_steps: int, wait: int) -> list:
+def lr_schedule(optimizer: AdamW | SGD, total_steps: int, wait: int) -> list:
     """Per parameter group, the factor on its learning rate at each step: cosine decay to zero
     over ``total_steps``; with ``wait`` > 0, every group but the head (the last, see
     :func:`make_optimizer`) stays at zero for the first ``wait`` steps, so the head learns

@@ -207,10 +207,11 @@ class MemoryPlan:
     """What a run will hold above its runtime, counted before it starts.
 
     ``fixed_bytes``: frozen weights + trainable state (weights, gradients, AdamW's two
-    moments) + one batch of uint8 images. ``per_image_bytes``: what one more image in a
-    forward/backward pass adds: the bytes autograd keeps for it (counted on a real
-    forward pass) and the forward's largest live tensors (its biggest layer's input and
-    output, counted on a real forward pass; twice, for their gradients in the backward).
+    moments; or weights and SGD's momentum buffers) + one batch of uint8 images.
+    ``per_image_bytes``: what one more image in a forward/backward pass adds: the bytes
+    autograd keeps for it (counted on a real forward pass) and the forward's largest live
+    tensors (its biggest layer's input and output, counted on a real forward pass; twice,
+    for their gradients in the backward).
     """
 
     frozen_bytes: int
@@ -262,13 +263,17 @@ def _largest_layer_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
     return largest
 
 
-def plan_memory(model, frozen, image_size: int, batch_size: int, device: str) -> MemoryPlan:
+def plan_memory(
+    model, frozen, image_size: int, batch_size: int, device: str, optimizer: str = "adamw"
+) -> MemoryPlan:
     """Count what training ``model`` will hold (see :class:`MemoryPlan`)."""
     from da3.memory import saved_activation_bytes
 
     trainable = model.trainable_parameters()
-    # weights + gradients + AdamW's two moments, for what trains and the new head
-    trainable_bytes = 4 * tensor_bytes(trainable)
+    # for what trains and the new head: weights + gradients + AdamW's two moments, or
+    # weights + SGD's momentum buffers (the gradients add into them) or plain gradients
+    copies = 4 if optimizer == "adamw" else 2
+    trainable_bytes = copies * tensor_bytes(trainable)
     was = model.training
     model.train()
     kept = []
@@ -511,7 +516,12 @@ def _fit_and_save(
     plan = None
     if settings.memory_budget:
         plan = plan_memory(
-            domain.model, model.frozen, settings.image_size, settings.batch_size, settings.device
+            domain.model,
+            model.frozen,
+            settings.image_size,
+            settings.batch_size,
+            settings.device,
+            config.optimizer,
         )
         plan = fit_budget(plan, settings.memory_budget, settings.batch_size, settings.micro_batch)
         tc = dataclasses.replace(tc, micro_batch=plan.micro_batch)

@@ -62,7 +62,7 @@ from da3.methods.base import (
 @dataclass
 class AdapterConfig(MethodConfig):
     lr: float = field(
-        default=1e-3, metadata={"help": "AdamW learning rate of adapters and domain batch norms"}
+        default=1e-3, metadata={"help": "learning rate of adapters and domain batch norms"}
     )
     head_lr: float = field(default=3e-3, metadata={"help": "learning rate of the new head"})
 

@@ -342,15 +342,27 @@ def new_head(feature_dim: int, num_classes: int) -> nn.Linear:
     return nn.Linear(feature_dim, num_classes)
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 @dataclass
 class MethodConfig:
     """Settings every method has. Subclasses add their own, each with a help text."""
 
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
     head_lr: float = field(
         default=0.0, metadata={"help": "learning rate of the new head (0: the same as lr)"}
     )
+    optimizer: str = field(
+        default="adamw",
+        metadata={
+            "help": "'adamw' (decoupled weight decay), or 'sgd' with momentum: half the "
+            "trainable state (the weights and one buffer, no gradient beside it; "
+            "da3.optim.SGD), usually with a larger lr"
+        },
+    )
+    momentum: float = field(default=0.9, metadata={"help": "SGD's momentum"})
 
     # Fraction of the training steps, or number of steps, during which only the head learns
     # (the longer of the two; see da3.train.head_only_steps). Not settings of every method
@@ -364,7 +376,13 @@ class MethodConfig:
     legacy: ClassVar[dict[str, object]] = {}
 
     def __post_init__(self) -> None:
-        self.check(lr=self.lr > 0, weight_decay=self.weight_decay >= 0, head_lr=self.head_lr >= 0)
+        self.check(
+            lr=self.lr > 0,
+            weight_decay=self.weight_decay >= 0,
+            head_lr=self.head_lr >= 0,
+            optimizer=self.optimizer in OPTIMIZERS,
+            momentum=0 <= self.momentum < 1,
+        )
 
     def check(self, **conditions: bool) -> None:
         """Raise a one-line Da3Error for the first key whose condition fails (or is NaN)."""

@@ -25,7 +25,7 @@ from da3.methods.base import (
 
 @dataclass
 class BiasConfig(MethodConfig):
-    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate"})
+    lr: float = field(default=3e-3, metadata={"help": "learning rate"})
 
 
 def train_biases(backbone: nn.Module) -> nn.Module:

@@ -48,7 +48,7 @@ from da3.methods.base import (
 
 @dataclass
 class DA3Config(MethodConfig):
-    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate of adaptors, gates"})
+    lr: float = field(default=3e-3, metadata={"help": "learning rate of adaptors, gates"})
     head_lr: float = field(default=3e-3, metadata={"help": "learning rate of the new head"})
     head_warmup: float = field(
         default=0.0,

@@ -18,7 +18,7 @@ from da3.methods.base import (
 
 @dataclass
 class FinetuneConfig(MethodConfig):
-    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the backbone"})
+    lr: float = field(default=1e-4, metadata={"help": "learning rate of the backbone"})
     # A new, randomly initialised head needs a larger rate than the pretrained weights; at
     # 1e-4 it barely trains in the few epochs of the benchmark protocol.
     head_lr: float = field(default=3e-3, metadata={"help": "learning rate of the new head"})

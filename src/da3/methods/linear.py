@@ -19,7 +19,7 @@ from da3.methods.base import (
 
 @dataclass
 class LinearConfig(MethodConfig):
-    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate"})
+    lr: float = field(default=3e-3, metadata={"help": "learning rate"})
 
 
 class PooledFeatures(CacheableFeatures):

@@ -57,7 +57,7 @@ class PiggybackConfig(MethodConfig):
     # The paper: Adam at 1e-4 for 30 epochs. In our 5 short epochs 1e-4 barely flips a bit
     # (a score must move by 5e-3, Adam moves it by at most lr a step); 4e-4 and more flip bits
     # so fast that training collapses. Measurements in docs/methods.md.
-    lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate of the mask scores"})
+    lr: float = field(default=2e-4, metadata={"help": "learning rate of the mask scores"})
     head_lr: float = field(default=3e-3, metadata={"help": "learning rate of the new head"})
     score_init: float = field(
         default=1e-2, metadata={"help": "initial value of every score (above threshold: bit 1)"}

@@ -35,7 +35,7 @@ from da3.methods.bias import train_biases
 
 @dataclass
 class TinyTLConfig(MethodConfig):
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
     head_lr: float = field(default=3e-3, metadata={"help": "learning rate of the new head"})
     downsample: int = field(default=2, metadata={"help": "pooling of the lite residual input"})
     group_width: int = field(default=8, metadata={"help": "channels per group of the 3x3 conv"})

@@ -40,7 +40,7 @@ from da3.methods.base import (
 
 @dataclass
 class UDTAConfig(MethodConfig):
-    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the side network"})
+    lr: float = field(default=3e-3, metadata={"help": "learning rate of the side network"})
     head_lr: float = field(default=3e-3, metadata={"help": "learning rate of the new head"})
     stages: int = field(
         default=4, metadata={"help": "taps: the last block of each of this many deepest stages"}
