@@ -5,6 +5,7 @@ The `memory` stage of `da3 bench` (da3.bench.process_memory) on its own, for a s
     python benchmarks/process_memory.py                      # every method, Lite0 + ResNet-50
     python benchmarks/process_memory.py --methods finetune,da3,linear --backbones resnet50
     python benchmarks/process_memory.py --methods finetune,da3 --frozen-bits 8   # lean ones
+    python benchmarks/process_memory.py --methods da3 --frozen-bits 8 --set optimizer=sgd
 
 Writes benchmarks/results/process_memory.{json,md} (``--name``). ``--merge A B`` joins
 results written that way (e.g. one per backbone, run one after the other) into one file, in
@@ -36,6 +37,13 @@ def main() -> None:
         choices=(32, 16, 8),
         help="frozen weights of the lean methods (finetune trains float32 weights)",
     )
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="settings of every run (e.g. optimizer=sgd lr=0.005 head_lr=0.005)",
+    )
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp one)")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--name", default="process_memory")
@@ -54,6 +62,8 @@ def main() -> None:
     spec = {**pm.SPEC, "backbones": [b for b in pm.SPEC["backbones"] if b[0] in wanted]}
     if args.frozen_bits != 32:
         spec["frozen_bits"] = args.frozen_bits
+    if args.set:
+        spec["settings"] = args.set
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     info = run_info("cpu")
     t0 = time.perf_counter()

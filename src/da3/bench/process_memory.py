@@ -145,10 +145,13 @@ def train_run(
     micro_batch: int,
     env: dict,
     python: list[str] | None = None,
+    settings: list[str] | None = None,
 ) -> dict:
     """One real ``da3 train`` process; its peaks and its own memory record. ``python``:
-    what runs the ``da3.cli`` module (default ``python -m da3.cli``)."""
-    name = f"{method}-mb{micro_batch}"
+    what runs the ``da3.cli`` module (default ``python -m da3.cli``); ``settings``:
+    ``key=value`` settings of the run (e.g. ``optimizer=sgd``)."""
+    settings = list(settings or [])
+    name = f"{method}-mb{micro_batch}" + ("-set" if settings else "")
     argv = [
         *(python or [sys.executable, "-m", "da3.cli"]),
         "train",
@@ -175,6 +178,7 @@ def train_run(
     ]
     if micro_batch:
         argv += ["--micro-batch", str(micro_batch)]
+    argv += settings
     from da3.methods.base import get_method
 
     bits = spec.get("frozen_bits", 32)
@@ -188,6 +192,7 @@ def train_run(
     return {
         "method": method,
         "frozen_bits": bits,
+        "settings": settings,
         "micro_batch": micro_batch or spec["batch_size"],
         "vmhwm_bytes": memory["peak_bytes"],
         "wait4_bytes": wait4,
@@ -268,7 +273,10 @@ def run_process_memory(
     for backbone, weights in spec["backbones"]:
         floor = floors["torch+torchvision" if backbone != "efficientnet_lite0" else "torch"]
         for method, micro in runs_for(methods):
-            r = train_run(folder, work / "store", spec, backbone, weights, method, micro, env)
+            r = train_run(
+                folder, work / "store", spec, backbone, weights, method, micro, env,
+                settings=spec.get("settings"),
+            )  # fmt: skip
             r |= above_floor(r, floor, backbone, weights)
             rows.append(r)
             progress(
@@ -359,7 +367,8 @@ def markdown_table(result: dict) -> str:
         for r in rows:
             above = r["vmhwm_above_floor_bytes"]
             bits = r.get("frozen_bits", 32)
-            label = r["method"] + (f" ({bits}-bit frozen)" if bits != 32 else "")
+            notes = ([f"{bits}-bit frozen"] if bits != 32 else []) + r.get("settings", [])
+            label = r["method"] + (f" ({', '.join(notes)})" if notes else "")
             lines.append(
                 f"| {label} | {r['micro_batch']} | {above / MiB:.1f} MiB | "
                 f"{_ratio(ft8, above)} | {_ratio(ft1, above)} | "
