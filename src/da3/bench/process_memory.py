@@ -225,10 +225,11 @@ def compile_bytecode() -> bool:
     """Compile da3's modules into ``__pycache__``, as pip does when it installs a wheel, so
     each measured run loads them as an installed da3 does. Without it, an environment that
     sets ``PYTHONDONTWRITEBYTECODE`` (or a read-only source tree) has every run compile
-    da3's source at its start, and the compiler's freed memory stays resident: a part of
-    the peak an installed package never holds (``benchmarks/memory_parts.py`` measures
-    it). Returns whether every module compiled
-    (False where the package folder is read-only: then the runs compile as they import)."""
+    da3's source at its start, and the compiler's freed memory stays resident (later
+    allocations reuse some of it): memory an installed package does not hold
+    (``benchmarks/memory_parts.py`` reads the imports both ways). Returns whether every
+    module compiled (False where the package folder is read-only: then the runs compile as
+    they import)."""
     import compileall
 
     import da3
