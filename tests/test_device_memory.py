@@ -706,6 +706,16 @@ def test_process_memory_stage_measures_real_runs(tmp_path):
     assert ft["trainable_state_bytes"] > 10 * da3["trainable_state_bytes"]
     table = pm.markdown_table(result)
     assert "| da3 | 1 |" in table and "finetune b8 / this" in table
+    assert result["bytecode"] == "compiled"
+    # a run with settings of its own: SGD holds half of AdamW's trainable state
+    env = {**os.environ, "DA3_CACHE_DIR": str(tmp_path / "w" / "cache")}
+    sgd = pm.train_run(
+        folder, tmp_path / "w" / "store", spec, "efficientnet_lite0", "none", "da3", 1, env,
+        settings=["optimizer=sgd", "lr=0.005"],
+    )  # fmt: skip
+    assert sgd["settings"] == ["optimizer=sgd", "lr=0.005"]
+    adamw = result["rows"][3]["trainable_state_bytes"]  # + a 4-byte step count per tensor
+    assert 0 < adamw - 2 * sgd["trainable_state_bytes"] < 4 * 1000
 
 
 def test_best_epoch_waits_on_disk(tmp_path, monkeypatch):
@@ -789,6 +799,8 @@ def test_memory_results_of_two_sittings_merge_side_by_side():
     assert "bytecode" not in a and merged["bytecode"] == "not recorded"
     table = markdown_table(merged)
     assert "**efficientnet_lite0**" in table and "**resnet50**" in table and "10.0x" in table
+    b["rows"][1] |= {"frozen_bits": 8, "settings": ["optimizer=sgd", "lr=0.005"]}
+    assert "| da3 (8-bit frozen, optimizer=sgd, lr=0.005) | 1 |" in markdown_table(b)
     b["spec"]["image_size"] = 96
     with pytest.raises(Da3Error, match="differ"):
         merge_results([a, b])
