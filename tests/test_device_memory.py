@@ -797,10 +797,15 @@ def test_memory_results_of_two_sittings_merge_side_by_side():
     assert set(merged["floors"]) == {"torch", "torch+torchvision"}
     assert merged["info"]["stage_seconds"]["memory"] == 20.0
     assert "bytecode" not in a and merged["bytecode"] == "not recorded"
+    b["info"]["commit"] = "abc1234"
+    a["info"]["commit"] = "def5678"
+    assert merge_results([a, b])["info"]["commit"] == "def5678, abc1234"  # both sittings
     table = markdown_table(merged)
     assert "**efficientnet_lite0**" in table and "**resnet50**" in table and "10.0x" in table
     b["rows"][1] |= {"frozen_bits": 8, "settings": ["optimizer=sgd", "lr=0.005"]}
     assert "| da3 (8-bit frozen, optimizer=sgd, lr=0.005) | 1 |" in markdown_table(b)
+    b["rows"] = b["rows"][1:]  # no fine-tuning row: no ratio to it
+    assert "| 1 | 10.0 MiB | - | - |" in markdown_table(b)
     b["spec"]["image_size"] = 96
     with pytest.raises(Da3Error, match="differ"):
         merge_results([a, b])

@@ -311,6 +311,8 @@ def merge_results(parts: list[dict]) -> dict:
     spec["backbones"] = [b for p in parts for b in p["spec"]["backbones"]]
     spec["methods"] = list(dict.fromkeys(m for p in parts for m in p["spec"]["methods"]))
     info = {**parts[0]["info"]}
+    for key in ("commit", "date"):  # sittings at other commits or days say so
+        info[key] = ", ".join(dict.fromkeys(str(p["info"].get(key, "?")) for p in parts))
     info["stage_seconds"] = {
         "memory": round(sum(p["info"]["stage_seconds"]["memory"] for p in parts), 1)
     }
@@ -338,7 +340,7 @@ _BYTECODE = {
 
 
 def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.1f}x" if b > 0 else "-"
+    return f"{a / b:.1f}x" if a > 0 and b > 0 else "-"
 
 
 def markdown_table(result: dict) -> str:
