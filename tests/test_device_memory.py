@@ -795,6 +795,10 @@ def test_memory_results_of_two_sittings_merge_side_by_side():
     merged = merge_results([a, b])
     assert [r["backbone"] for r in merged["rows"]] == ["efficientnet_lite0"] * 2 + ["resnet50"] * 2
     assert set(merged["floors"]) == {"torch", "torch+torchvision"}
+    a["floors"]["torch+torchvision"] = {"modules": "torch, torchvision", "vmhwm_bytes": 7}
+    b["floors"]["torch"] = {"modules": "torch", "vmhwm_bytes": 9}
+    again = merge_results([a, b])["floors"]  # each backbone's from its own sitting
+    assert again["torch"]["vmhwm_bytes"] == 1 and again["torch+torchvision"]["vmhwm_bytes"] == 1
     assert merged["info"]["stage_seconds"]["memory"] == 20.0
     assert "bytecode" not in a and merged["bytecode"] == "not recorded"
     b["info"]["commit"] = "abc1234"

@@ -317,8 +317,12 @@ def merge_results(parts: list[dict]) -> dict:
         "memory": round(sum(p["info"]["stage_seconds"]["memory"] for p in parts), 1)
     }
     info["command"] = " ; ".join(str(p["info"].get("command", "")) for p in parts)
-    floors = {**parts[0]["floors"]}
-    for p in parts[1:]:
+    floors: dict = {}
+    for p in parts:  # each backbone's rows with the floor they were read against
+        for r in p["rows"]:
+            key = "torch" if r["floor"] == "torch" else "torch+torchvision"
+            floors[key] = p["floors"][key]
+    for p in parts:
         for k, v in p["floors"].items():
             floors.setdefault(k, v)
     return {
@@ -348,7 +352,8 @@ def markdown_table(result: dict) -> str:
     fine-tuning at batch 8 and at micro-batch 1."""
     lines = []
     if "bytecode" in result:
-        lines += [_BYTECODE.get(result["bytecode"], f"da3's modules: {result['bytecode']}."), ""]
+        code = result["bytecode"]
+        lines += [_BYTECODE.get(code, f"da3's modules, by sitting: {code}."), ""]
     for backbone, _ in result["spec"]["backbones"]:
         rows = [r for r in result["rows"] if r["backbone"] == backbone]
         if not rows:
