@@ -50,13 +50,13 @@ def markdown(info: dict, payload: dict) -> str:
         a = [100 * by[(d, s, "adamw")] for s in seeds]
         b = [100 * by[(d, s, "sgd")] for s in seeds]
         diff = [y - x for x, y in zip(a, b, strict=True)]
-        se = statistics.stdev(diff) / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
+        se = f"{statistics.stdev(diff) / len(diff) ** 0.5:.2f}" if len(diff) > 1 else "-"
         means.append(statistics.mean(diff))
         wins = (sum(x > 0 for x in diff), sum(x == 0 for x in diff), sum(x < 0 for x in diff))
         note = " (lr chosen here)" if d == "clipart" else ""
         out += (
             f"| {d}{note} | {','.join(map(str, seeds))} | {statistics.mean(a):.2f} | "
-            f"{statistics.mean(b):.2f} | {means[-1]:+.2f} | {se:.2f} | "
+            f"{statistics.mean(b):.2f} | {means[-1]:+.2f} | {se} | "
             f"{wins[0]} / {wins[1]} / {wins[2]} |\n"
         )
     if means:
@@ -80,6 +80,8 @@ def main() -> None:
     runs = {"adamw": {}, "sgd": {"optimizer": "sgd", "lr": args.lr, "head_lr": args.lr}}
     frozen = FrozenBackbone(create_backbone(protocol["backbone"], protocol["weights"]))
     info = run_info("cpu")
+    if same and old.get("info"):
+        info = old["info"]  # the sitting that ran the records, until a run is added
     t0 = time.perf_counter()
     for seed in parse_seeds(args.seeds):
         for domain in [d.strip() for d in args.domains.split(",") if d.strip()]:
@@ -94,9 +96,11 @@ def main() -> None:
                     f"({rec['train_seconds']:.0f} s)",
                     flush=True,
                 )
-                info["wall_seconds"] = round(time.perf_counter() - t0, 1)
+                info = {**run_info("cpu"), "wall_seconds": round(time.perf_counter() - t0, 1)}
                 payload = {"protocol": protocol, "sgd_lr": args.lr, "records": records}
                 save(RESULTS, args.out, {"info": info, **payload}, markdown(info, payload))
+    payload = {"protocol": protocol, "sgd_lr": args.lr, "records": records}
+    save(RESULTS, args.out, {"info": info, **payload}, markdown(info, payload))
 
 
 if __name__ == "__main__":
