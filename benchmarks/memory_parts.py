@@ -283,10 +283,20 @@ def main() -> None:
     info = run_info("cpu")
     t0 = time.perf_counter()
     # da3's modules as an installed package has them (compiled), and what compiling them
-    # from source at each start holds (an empty bytecode folder, none written)
+    # from source at each start holds: a copy of the package with no bytecode folders,
+    # imported with none written (as a source tree where PYTHONDONTWRITEBYTECODE is set)
     info["bytecode"] = "compiled" if compile_bytecode() else "compiled by each run"
-    with tempfile.TemporaryDirectory() as empty:
-        source = {"PYTHONPYCACHEPREFIX": empty, "PYTHONDONTWRITEBYTECODE": "1"}
+    import shutil
+
+    import da3
+
+    with tempfile.TemporaryDirectory() as tree:
+        shutil.copytree(
+            Path(da3.__file__).parent,
+            Path(tree) / "da3",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+        source = {"PYTHONPATH": tree, "PYTHONDONTWRITEBYTECODE": "1"}
         imports = {
             kind: json.loads(
                 subprocess.run(

@@ -235,8 +235,7 @@ class SGD(_Optimizer):
                     else:
                         buf.mul_(mu).add_(d)
                 p.add_(buf, alpha=-lr)
-                if p.grad is buf:  # the buffer is no gradient until handed again
-                    p.grad = None
+                p.grad = None  # the buffer is no gradient until handed again
         self._handed = False
 
 
