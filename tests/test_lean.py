@@ -462,6 +462,49 @@ def test_expansion_and_depthwise_run_together_in_slices(name, bits, native):
     assert largest_grad >= expanded
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+def test_folding_and_quantizing_a_large_layer_holds_a_few_channels_at_a_time(bits):
+    """A ResNet-50-sized 3x3 convolution (512 x 512, 9 MiB in float32) is folded with its
+    batch norm and stored small a few output channels at a time: the same numbers as the
+    whole computation, bit for bit, and no temporary as large as the layer (whole, its
+    float64 copies alone were twice the layer)."""
+    from da3.lean import ops
+
+    g = torch.Generator().manual_seed(3)
+    conv = nn.Conv2d(512, 512, 3, padding=1, bias=False)
+    conv.weight.data = torch.randn(conv.weight.shape, generator=g) * 0.05
+    bn = randomise_bn(nn.BatchNorm2d(512)).eval()
+    scale, shift = ops._bn_scale_shift(bn)
+    want_w = (conv.weight.double() * scale.view(-1, 1, 1, 1)).float()
+    amax = want_w.abs().amax(dim=(1, 2, 3))
+    want_s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    want_q = torch.round(want_w / want_s.view(-1, 1, 1, 1)).clamp(-127, 127).to(torch.int8)
+    big = []
+
+    class Sizes(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                new = isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given
+                if new and t.numel() * t.element_size() >= 2**20:  # not a view: memory
+                    big.append((str(func), t.numel() * t.element_size()))
+            return out
+
+    with Sizes():
+        w, b = ops.fold_conv_bn(conv, bn)
+        stored, s = ops.quantize_weight(w, bits)
+    assert torch.equal(w, want_w) and torch.equal(b, shift.float())
+    if bits == 8:
+        assert torch.equal(stored, want_q) and torch.equal(s, want_s)
+    else:
+        assert s is None and torch.equal(stored, want_w.half())
+    # of 1 MiB or more: the folded weight and the stored one, nothing else (the temporaries
+    # are float64 slices of at most 1 MiB)
+    layer = conv.weight.numel()
+    assert sorted(n for _, n in big) == sorted([layer * 4, layer * bits // 8]), big
+
+
 @pytest.mark.parametrize(
     "cin,cout,k,stride,pad,size",
     [

@@ -193,15 +193,33 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     if bits == 32:
         return weight, None
     if bits == 16:
-        if weight.abs().max() > torch.finfo(torch.float16).max:
+        if any(
+            weight[a:e].abs().max() > torch.finfo(torch.float16).max
+            for a, e in _output_chunks(weight)
+        ):
             raise ValueError("a frozen weight exceeds float16's range; use 8 or 32 bits")
         return weight.to(torch.float16).contiguous(), None
     w = weight.float()
-    amax = w.abs().amax(dim=tuple(range(1, w.dim())))
-    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
     shape = (-1,) + (1,) * (w.dim() - 1)
-    q = torch.round(w / scale.view(shape)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return q.contiguous(), scale
+    for a, e in _output_chunks(w):  # a few output channels at a time: each has its own scale
+        part = w[a:e]
+        amax = part.abs().amax(dim=tuple(range(1, w.dim())))
+        s = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+        q[a:e] = torch.round(part / s.view(shape)).clamp_(-INT8_MAX, INT8_MAX)
+        scale[a:e] = s
+    return q, scale
+
+
+def _output_chunks(weight: torch.Tensor, nbytes: int = 1 << 20) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges of output channels of ``weight``, each about ``nbytes`` of
+    float64: what folding and quantizing a large layer hold besides its weight (a
+    ResNet-50's 3x3 convolutions of 512 channels are 9 MiB in float32, their float64
+    temporaries twice that, several alive at once when done whole)."""
+    rows = weight.shape[0]
+    step = max(1, nbytes // max(1, weight[0].numel() * 8))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
 def dequantize_weight(
@@ -631,18 +649,22 @@ def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of one convolution equal to ``bn(conv(x))`` with ``bn`` in eval mode."""
-    w = conv.weight.double()
+    """Weight and bias of one convolution equal to ``bn(conv(x))`` with ``bn`` in eval mode,
+    computed in float64 a few output channels at a time (:func:`_output_chunks`: the same
+    numbers as whole, without a large layer's float64 copies)."""
+    weight = conv.weight.detach()
     b = (
         conv.bias.double()
         if conv.bias is not None
-        else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+        else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
     )
-    if bn is not None:
-        scale, shift = _bn_scale_shift(bn)
-        w = w * scale.view(-1, 1, 1, 1)
-        b = b * scale + shift
-    return w.to(conv.weight.dtype).contiguous(), b.to(conv.weight.dtype)
+    if bn is None:
+        return weight.clone(memory_format=torch.contiguous_format), b.to(weight.dtype)
+    scale, shift = _bn_scale_shift(bn)
+    w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    for a, e in _output_chunks(weight):
+        w[a:e] = weight[a:e].double() * scale[a:e].view(-1, 1, 1, 1)
+    return w, (b * scale + shift).to(weight.dtype)
 
 
 class LeanAffine(nn.Module):
