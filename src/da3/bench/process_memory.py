@@ -297,6 +297,11 @@ def run_process_memory(
     }
 
 
+def _floor_key(row: dict) -> str:
+    """The key in a result's ``floors`` of the floor ``row`` was read against."""
+    return "torch" if row["floor"] == "torch" else "torch+torchvision"
+
+
 def merge_results(parts: list[dict]) -> dict:
     """One result from runs of this stage on different backbones (or methods), each read
     against the floors measured in its own sitting: the rows side by side, the spec's
@@ -320,8 +325,7 @@ def merge_results(parts: list[dict]) -> dict:
     floors: dict = {}
     for p in parts:  # each backbone's rows with the floor they were read against
         for r in p["rows"]:
-            key = "torch" if r["floor"] == "torch" else "torch+torchvision"
-            floors[key] = p["floors"][key]
+            floors[_floor_key(r)] = p["floors"][_floor_key(r)]
     for p in parts:
         for k, v in p["floors"].items():
             floors.setdefault(k, v)
@@ -361,7 +365,7 @@ def markdown_table(result: dict) -> str:
         ft = {r["micro_batch"]: r for r in rows if r["method"] == "finetune"}
         ft8 = ft.get(result["spec"]["batch_size"], {}).get("vmhwm_above_floor_bytes", 0)
         ft1 = ft.get(1, {}).get("vmhwm_above_floor_bytes", 0)
-        floor = result["floors"]["torch" if rows[0]["floor"] == "torch" else "torch+torchvision"]
+        floor = result["floors"][_floor_key(rows[0])]
         lines += [
             f"**{backbone}** ({rows[0]['weights']} weights), floor `import {floor['modules']}`: "
             f"{floor['vmhwm_bytes'] / MiB:.0f} MiB (VmHWM), {floor['wait4_bytes'] / MiB:.0f} MiB "
