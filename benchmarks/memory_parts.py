@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 MiB = 2**20
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -103,14 +104,16 @@ def imports_only() -> dict:
     return {"imports_above_floor": status("VmRSS") - floor}
 
 
-def one(backbone: str, bits: int) -> dict:
-    """The measurements, in this (fresh) process."""
-    out: dict = {"backbone": backbone, "frozen_bits": bits}
+def build(backbone: str, bits: int, out: dict, before_build=None) -> SimpleNamespace:
+    """In this (fresh) process: the floor, da3's imports, the lean backbone and a DA3 domain,
+    as `da3 train --micro-batch 1` builds them; readings into ``out``. ``before_build`` is
+    called just before the backbone is built. Returns what the steps need."""
     import torch
 
     if backbone != "efficientnet_lite0":
         import torchvision  # noqa: F401 - the floor a torchvision backbone needs
     out["floor"] = status("VmRSS")
+    floor_kinds = smaps_by_kind()
     from da3.memory import MEMORY_FIRST_MMAP_THRESHOLD, lean_allocator, release_memory
 
     lean_allocator(MEMORY_FIRST_MMAP_THRESHOLD)  # as da3 train --micro-batch does
@@ -118,12 +121,15 @@ def one(backbone: str, bits: int) -> dict:
     from da3.backbones import create_backbone
     from da3.domains import MultiDomainModel
     from da3.lean.ops import native_kernels, sliced_convolutions
-    from da3.train import evaluate, make_optimizer, train_step
+    from da3.train import make_optimizer, train_step
 
     native = native_kernels()  # from the build on, as da3 train --micro-batch runs
     native.__enter__()
 
     out["imports"] = status("VmRSS")
+    imports_kinds = smaps_by_kind()
+    if before_build is not None:
+        before_build()
     weights = "imagenet" if backbone == "efficientnet_lite0" else "none"
     model = MultiDomainModel(
         create_backbone(backbone, weights, lazy=True), "cpu", forms="lean", frozen_bits=bits
@@ -131,6 +137,8 @@ def one(backbone: str, bits: int) -> dict:
     domain = model.add_domain("d", [f"c{i}" for i in range(15)], "da3", None, 224, seed=0)
     release_memory()
     out["built"] = status("VmRSS")
+    built_kinds = smaps_by_kind()
+    out["built_by_kind"] = {k: built_kinds[k] - imports_kinds[k] for k in built_kinds}
     out["frozen_weight_bytes"] = model.frozen.weight_bytes("lean")
     net = domain.model
     net.train()
@@ -146,6 +154,32 @@ def one(backbone: str, bits: int) -> dict:
         with sliced_convolutions():  # as da3 train runs micro-batches
             train_step(net, optimizer, x, y, micro_batch=1)
 
+    return SimpleNamespace(
+        model=model,
+        domain=domain,
+        net=net,
+        optimizer=optimizer,
+        images=images,
+        y=y,
+        x=x,
+        step=step,
+        native=native,
+        floor_kinds=floor_kinds,
+    )
+
+
+def one(backbone: str, bits: int) -> dict:
+    """The measurements, in this (fresh) process."""
+    out: dict = {"backbone": backbone, "frozen_bits": bits}
+    run = build(backbone, bits, out)
+    import torch  # noqa: F401
+
+    from da3.lean.ops import native_kernels, sliced_convolutions
+    from da3.memory import release_memory
+    from da3.train import evaluate, train_step
+
+    model, domain, net, optimizer = run.model, run.domain, run.net, run.optimizer
+    images, y, x, step, native = run.images, run.y, run.x, run.step, run.native
     release_memory()
     before, kinds = status("VmRSS"), smaps_by_kind()
     reset_peak()
@@ -157,6 +191,10 @@ def one(backbone: str, bits: int) -> dict:
         "left": status("VmRSS") - before,
         "left_by_kind": {k: after[k] - kinds[k] for k in kinds},
     }
+    release_memory()
+    steady = smaps_by_kind()  # what a run holds between steps, above the floor, by kind
+    out["between_steps"] = status("VmRSS") - out["floor"]
+    out["between_steps_by_kind"] = {k: steady[k] - run.floor_kinds[k] for k in steady}
     later = []
     for _ in range(3):
         release_memory()
@@ -190,7 +228,7 @@ def one(backbone: str, bits: int) -> dict:
     out["step_seconds"] = {k: sorted(v)[1] for k, v in times.items()}
     trainable = [p for p in net.parameters() if p.requires_grad]
     out["trainable_bytes"] = sum(p.numel() * p.element_size() for p in trainable)
-    del net, domain, model, optimizer, x, step
+    del net, domain, model, optimizer, x, step, run
     release_memory()
     from da3.plots import plot_curves
 
@@ -207,7 +245,64 @@ def one(backbone: str, bits: int) -> dict:
     return out
 
 
-def markdown(info: dict, rows: list[dict], imports: dict) -> str:
+PAGE = 4096  # /proc/self/pagemap has one 8-byte entry per page
+
+
+def code_pages() -> set[int]:
+    """Addresses of the resident pages of every file-backed executable mapping (shared
+    libraries' machine code), from ``/proc/self/pagemap``'s present bit. Read with plain
+    Python, so that reading it pages in no library code of its own."""
+    pages: set[int] = set()
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and "x" in parts[1] and parts[5].startswith("/"):
+            spans.append(tuple(int(v, 16) for v in parts[0].split("-")))
+    with open("/proc/self/pagemap", "rb") as f:
+        for start, end in spans:
+            f.seek(start // PAGE * 8)
+            high = f.read((end - start) // PAGE * 8)[7::8]  # each entry's top byte
+            pages.update(start + i * PAGE for i, b in enumerate(high) if b & 0x80)
+    return pages
+
+
+def drop_pages(pages: set[int]) -> None:
+    """Take ``pages`` (clean pages of file-backed mappings) out of the process's resident
+    set (``madvise(MADV_DONTNEED)``): touched again, each is read back from the page cache."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    run_start = previous = None
+    for page in sorted(pages) + [None]:
+        if page is not None and previous is not None and page == previous + PAGE:
+            previous = page
+            continue
+        if run_start is not None and libc.madvise(run_start, previous + PAGE - run_start, 4):
+            raise OSError(ctypes.get_errno(), "madvise failed")
+        run_start = previous = page
+
+
+def code_again(backbone: str, bits: int) -> dict:
+    """Whether the library code a build pages in is the training's own: build as a run
+    does, drop the code pages the build paged in, take two steps, and count how many of the
+    dropped pages the steps paged in again (in this fresh process)."""
+    out: dict = {"backbone": backbone, "frozen_bits": bits}
+    before: set[int] = set()
+    run = build(backbone, bits, out, before_build=lambda: before.update(code_pages()))
+    built = code_pages() - before
+    drop_pages(built)
+    out["build_code"] = len(built) * PAGE
+    out["still_resident"] = len(built & code_pages()) * PAGE  # the drop took
+    for _ in range(2):
+        run.step()
+    again = built & code_pages()
+    out["paged_in_again"] = len(again) * PAGE
+    out["steps_code"] = len(code_pages() - before) * PAGE  # all code the steps hold
+    return out
+
+
+def markdown(info: dict, rows: list[dict], imports: dict, code: list[dict] = ()) -> str:
     from da3.bench.common import header
 
     out = header(info, "What a lean training process holds, part by part")
@@ -257,10 +352,57 @@ def markdown(info: dict, rows: list[dict], imports: dict) -> str:
         "memory stays resident).\n"
     )
     out += (
+        "\nBy kind of memory (MiB above the floor): what the build adds, and what the process "
+        "holds between two steps, the step's own peak comes on top of that:\n\n"
+        "| backbone | build: libraries' code/data, heap, other (frozen weights) | "
+        "between steps: total | libraries' code/data | heap | other |\n"
+        "|---|---|---|---|---|---|\n"
+    )
+    for r in rows:
+        b, k = r["built_by_kind"], r["between_steps_by_kind"]
+        out += (
+            f"| {r['backbone']} | {b['file'] / MiB:.1f}, {b['heap'] / MiB:.1f}, "
+            f"{b['anon'] / MiB:.1f} ({r['frozen_weight_bytes'] / MiB:.1f}) | "
+            f"{r['between_steps'] / MiB:.1f} | {k['file'] / MiB:.1f} | {k['heap'] / MiB:.1f} | "
+            f"{k['anon'] / MiB:.1f} |\n"
+        )
+    if code:
+        out += (
+            "\nIs the libraries' code a build pages in the training's own? A fresh process "
+            "builds as above, takes the code pages the build paged in out of its resident set "
+            "(`madvise`), takes two steps and counts how many of them the steps paged in "
+            "again: "
+            + ", ".join(
+                f"{c['backbone']} {c['paged_in_again'] / MiB:.1f} of "
+                f"{c['build_code'] / MiB:.1f} MiB "
+                f"({c['paged_in_again'] / max(c['build_code'], 1):.0%}; the steps hold "
+                f"{c['steps_code'] / MiB:.1f} MiB of code above the floor)"
+                for c in code
+            )
+            + ". What is left is machine code of the operations a step runs (each page "
+            "read in with its neighbours, as the kernel reads ahead): it shrinks only with "
+            "fewer distinct kernels.\n"
+        )
+    out += (
         "\nTrainable tensors (DA3's adaptors and head): "
         + ", ".join(f"{r['backbone']} {r['trainable_bytes'] / MiB:.1f} MiB" for r in rows)
         + " (gradients as much again, AdamW's moments twice).\n"
     )
+    return out
+
+
+def child(flag: str, backbone: str, bits: int) -> dict:
+    """A fresh process's readings (``flag``: --one or --code-again), in a memory-first
+    run's environment."""
+    done = subprocess.run(
+        [sys.executable, __file__, flag, backbone, "--bits", str(bits)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=memory_first_env(),
+    )
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps(out), flush=True)
     return out
 
 
@@ -270,12 +412,16 @@ def main() -> None:
     p.add_argument("--backbones", default="efficientnet_lite0,resnet50")
     p.add_argument("--one", help=argparse.SUPPRESS)  # the child: one backbone, JSON out
     p.add_argument("--imports-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--code-again", help=argparse.SUPPRESS)  # the child: one backbone
     args = p.parse_args()
     if args.imports_only:
         print(json.dumps(imports_only()))
         return
     if args.one:
         print(json.dumps(one(args.one, args.bits)))
+        return
+    if args.code_again:
+        print(json.dumps(code_again(args.code_again, args.bits)))
         return
     from da3.bench.common import run_info, save
     from da3.bench.process_memory import compile_bytecode
@@ -311,20 +457,12 @@ def main() -> None:
             )["imports_above_floor"]
             for kind, extra in (("compiled", {}), ("source", source))
         }
-    rows = []
-    for backbone in args.backbones.split(","):
-        done = subprocess.run(
-            [sys.executable, __file__, "--one", backbone, "--bits", str(args.bits)],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=memory_first_env(),
-        )
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
+    backbones = args.backbones.split(",")
+    rows = [child("--one", b, args.bits) for b in backbones]
+    code = [child("--code-again", b, args.bits) for b in backbones]
     info["stage_seconds"] = {"memory_parts": round(time.perf_counter() - t0, 1)}
-    result = {"info": info, "imports": imports, "rows": rows}
-    save(RESULTS, "memory_parts", result, markdown(info, rows, imports))
+    result = {"info": info, "imports": imports, "rows": rows, "code_again": code}
+    save(RESULTS, "memory_parts", result, markdown(info, rows, imports, code))
 
 
 if __name__ == "__main__":

@@ -813,3 +813,24 @@ def test_memory_results_of_two_sittings_merge_side_by_side():
     b["spec"]["image_size"] = 96
     with pytest.raises(Da3Error, match="differ"):
         merge_results([a, b])
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="Linux only")
+def test_memory_parts_drops_and_counts_code_pages():
+    """benchmarks/memory_parts.py counts the library code a build pages in and whether the
+    steps page it in again: its page reader sees resident code, and a dropped page is gone
+    from it until it runs again."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_parts.py"
+    spec = importlib.util.spec_from_file_location("memory_parts", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.ones(8).add_(1).sum()  # code surely resident
+    pages = mod.code_pages()
+    assert len(pages) > 100 and all(p % mod.PAGE == 0 for p in pages)
+    sample = set(sorted(pages)[:: max(1, len(pages) // 200)])
+    mod.drop_pages(sample)
+    # a few may run again at once (the interpreter's own loop): most stay out
+    assert len(sample - mod.code_pages()) > len(sample) // 2
+    assert torch.ones(8).add_(1).sum().item() == 16  # code read back in where it runs
