@@ -352,8 +352,9 @@ def markdown(info: dict, rows: list[dict], imports: dict, code: list[dict] = ())
         "memory stays resident).\n"
     )
     out += (
-        "\nBy kind of memory (MiB above the floor): what the build adds, and what the process "
-        "holds between two steps, the step's own peak comes on top of that:\n\n"
+        "\nBy kind of memory: what the build adds (above da3's imports), and what the "
+        "process holds between two later steps (above the floor; a step's own peak comes on "
+        "top), MiB:\n\n"
         "| backbone | build: libraries' code/data, heap, other (frozen weights) | "
         "between steps: total | libraries' code/data | heap | other |\n"
         "|---|---|---|---|---|---|\n"
@@ -379,8 +380,8 @@ def markdown(info: dict, rows: list[dict], imports: dict, code: list[dict] = ())
                 f"{c['steps_code'] / MiB:.1f} MiB of code above the floor)"
                 for c in code
             )
-            + ". What is left is machine code of the operations a step runs (each page "
-            "read in with its neighbours, as the kernel reads ahead): it shrinks only with "
+            + ". That code is the machine code of the operations a step runs (each page "
+            "mapped with its neighbours, as the kernel faults code in): it shrinks only with "
             "fewer distinct kernels.\n"
         )
     out += (
