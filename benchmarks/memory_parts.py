@@ -26,7 +26,11 @@ and reads its own memory between the steps a run takes:
   turned into its input when it runs (a run reads them from the cache file then);
 * da3's modules are compiled to bytecode first, as a pip-installed package has them; what
   `da3 train` imports is also read in a fresh process that compiles them from source;
-* the training-curves plot (`da3.plots.plot_curves`: Pillow, imported here, and drawing).
+* the training-curves plot (`da3.plots.plot_curves`: Pillow, imported here, and drawing);
+* what the build adds and what the process holds between two steps, by the same kinds;
+* in one more fresh process per backbone, whether the library code the build pages in is
+  the steps' own: the code pages the build paged in are taken out of the resident set
+  (``madvise``), two steps run, and the pages they bring back are counted.
 
 Linux only. Writes benchmarks/results/memory_parts.{json,md}.
 """
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -74,8 +79,6 @@ def smaps_by_kind() -> dict[str, int]:
 def memory_first_env() -> dict[str, str]:
     """The environment a memory-first `da3 train` gives itself before torch loads
     (``da3.commands.no_blas_buffers``: MKL frees its workspaces after each call)."""
-    import os
-
     from da3.commands import no_blas_buffers
 
     no_blas_buffers()
@@ -245,7 +248,7 @@ def one(backbone: str, bits: int) -> dict:
     return out
 
 
-PAGE = 4096  # /proc/self/pagemap has one 8-byte entry per page
+PAGE = os.sysconf("SC_PAGE_SIZE")  # /proc/self/pagemap has one 8-byte entry per page
 
 
 def code_pages() -> set[int]:
