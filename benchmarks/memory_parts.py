@@ -175,8 +175,6 @@ def one(backbone: str, bits: int) -> dict:
     """The measurements, in this (fresh) process."""
     out: dict = {"backbone": backbone, "frozen_bits": bits}
     run = build(backbone, bits, out)
-    import torch  # noqa: F401
-
     from da3.lean.ops import native_kernels, sliced_convolutions
     from da3.memory import release_memory
     from da3.train import evaluate, train_step
@@ -194,10 +192,9 @@ def one(backbone: str, bits: int) -> dict:
         "left": status("VmRSS") - before,
         "left_by_kind": {k: after[k] - kinds[k] for k in kinds},
     }
-    release_memory()
-    steady = smaps_by_kind()  # what a run holds between steps, above the floor, by kind
+    # what a run holds between steps (after the first), above the floor, by kind
     out["between_steps"] = status("VmRSS") - out["floor"]
-    out["between_steps_by_kind"] = {k: steady[k] - run.floor_kinds[k] for k in steady}
+    out["between_steps_by_kind"] = {k: after[k] - run.floor_kinds[k] for k in after}
     later = []
     for _ in range(3):
         release_memory()
